@@ -1,0 +1,58 @@
+"""procwire: every way processes talk.
+
+Blocking API here; the asyncio twin with the same names is ``procwire.aio``.
+
+>>> import procwire
+>>> a, b = procwire.pipe()
+>>> a.send({"hello": "world"})
+>>> b.recv(timeout=5)
+{'hello': 'world'}
+>>> a.close(); b.close()
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    AddressError,
+    AddressInUse,
+    AuthenticationError,
+    ChannelClosed,
+    ConnectionClosed,
+    ConnectionRefused,
+    DecodeError,
+    EncodeError,
+    FrameTooLarge,
+    InsecureError,
+    MessageTooLarge,
+    ProcwireError,
+    ProtocolError,
+    Timeout,
+)
+from ._sync.channel import Channel, Listener, connect, listen, pipe
+from ._version import __version__
+from .codecs import Codec, get_codec
+
+__all__ = [
+    "AddressError",
+    "AddressInUse",
+    "AuthenticationError",
+    "Channel",
+    "ChannelClosed",
+    "Codec",
+    "ConnectionClosed",
+    "ConnectionRefused",
+    "DecodeError",
+    "EncodeError",
+    "FrameTooLarge",
+    "InsecureError",
+    "Listener",
+    "MessageTooLarge",
+    "ProcwireError",
+    "ProtocolError",
+    "Timeout",
+    "__version__",
+    "connect",
+    "get_codec",
+    "listen",
+    "pipe",
+]

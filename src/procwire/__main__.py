@@ -1,0 +1,3 @@
+from procwire.cli import main
+
+main()

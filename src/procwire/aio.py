@@ -1,0 +1,20 @@
+"""The asyncio API: the same names as ``procwire``, as coroutines.
+
+>>> import asyncio, procwire.aio as aio
+>>> async def main():
+...     a, b = await aio.pipe()
+...     await a.send([1, 2])
+...     print(await b.recv(timeout=5))
+...     await a.close(); await b.close()
+>>> asyncio.run(main())
+[1, 2]
+"""
+
+from __future__ import annotations
+
+from ._async.channel import AsyncChannel, AsyncListener, connect, listen, pipe
+
+Channel = AsyncChannel
+Listener = AsyncListener
+
+__all__ = ["AsyncChannel", "AsyncListener", "Channel", "Listener", "connect", "listen", "pipe"]

@@ -1,0 +1,549 @@
+"""Framed message streams over a connected stream socket: blocking and asyncio.
+
+Blocking writes follow asyncio's transport rule, which gives coalescing without latency: when
+nothing is queued, ``send`` writes straight to the socket (``MSG_DONTWAIT``), so a lone message
+or a request/reply costs one syscall and no wait. Only when the kernel buffer is full (the reader
+is behind) does the rest go to a user-space buffer, which a flusher thread drains in large
+writes while later ``send`` calls just append; a plain loop of ``send()`` thus turns into few
+large writes exactly when that helps. The buffer is bounded by ``write_buffer``: past it ``send``
+waits (up to its timeout).
+
+Reads: one ``recv_into`` into the frame decoder's buffer, many frames split out of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import math
+import select
+import socket
+import threading
+import time
+import warnings
+from collections import deque
+from typing import Any
+
+from .._errors import ChannelClosed, ConnectionClosed, ProtocolError, Timeout
+from ..protocol.framing import FrameDecoder, frame_header
+from .base import Buffer, Converter, TransportOptions, convert_all
+
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_DONTWAIT = _SEND_FLAGS | getattr(socket, "MSG_DONTWAIT", 0)
+_SMALL = 16 * 1024  # below this, header + payload are joined (cheaper than a gather write)
+_CLOSED_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ESHUTDOWN,
+                  errno.ECONNABORTED}
+
+
+def closed_error(exc: OSError) -> ConnectionClosed:
+    reason = {errno.EPIPE: "broken pipe", errno.ECONNRESET: "reset"}.get(exc.errno or 0, "closed")
+    err = ConnectionClosed(f"connection closed by peer ({exc.strerror or exc})", reason=reason)
+    err.__cause__ = exc
+    return err
+
+
+def _identity(b: Buffer) -> bytes:
+    return bytes(b)
+
+
+def deadline_of(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+class SocketWire:
+    """The raw byte I/O a framed stream needs, on a plain connected socket.
+
+    Other wires (TLS over a memory BIO, a pair of pipe fds) provide the same methods.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        self.sock = sock
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def try_send(self, data: Buffer) -> int:
+        """Write without blocking; returns the bytes written (0 when the kernel buffer is full)."""
+        try:
+            return self.sock.send(data, _DONTWAIT)
+        except BlockingIOError:
+            return 0
+
+    def try_send_parts(self, parts: list[Buffer]) -> int:
+        try:
+            return self.sock.sendmsg(parts, (), _DONTWAIT)
+        except BlockingIOError:
+            return 0
+
+    def send_all(self, data: Buffer) -> None:
+        """Blocking write of everything (the flusher thread's call)."""
+        self.sock.sendall(data, _SEND_FLAGS)
+
+    def recv_into(self, view: memoryview, timeout: float | None) -> int:
+        if timeout is not None:
+            ms = math.ceil(timeout * 1000)
+            if not self._poller.poll(ms):
+                raise Timeout(f"no message within {timeout} s")
+        return self.sock.recv_into(view)
+
+    def drain_nowait(self) -> None:
+        """Discard unread input, so closing a TCP socket sends FIN, not RST (which can destroy
+        our own data still in flight to the peer)."""
+        try:
+            while self.sock.recv(65536, socket.MSG_DONTWAIT):
+                pass
+        except OSError:
+            pass
+
+    def shutdown(self, how: int) -> None:
+        try:
+            self.sock.shutdown(how)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class FramedStream:
+    """A blocking, thread-safe message stream over a wire, with length-prefixed framing."""
+
+    reliable = True
+
+    def __init__(self, wire: SocketWire, opts: TransportOptions, *, local_address: str,
+                 remote_address: str) -> None:
+        self._wire = wire
+        self._max = opts.max_frame_size
+        self._high_water = opts.write_buffer
+        self.local_address = local_address
+        self.remote_address = remote_address
+        self._dec = FrameDecoder(opts.max_frame_size)
+        self._convert: Converter = _identity
+        self._pending: deque[Any] = deque()
+        self._rlock = threading.Lock()
+        self._eof: BaseException | None = None
+        # Write side: guarded by _wcond's lock.
+        self._wcond = threading.Condition(threading.Lock())
+        self._wbuf = bytearray()
+        self._inflight = False  # the flusher is writing a chunk outside the lock
+        self._flusher: threading.Thread | None = None
+        self._werror: BaseException | None = None
+        self._closed = False
+
+    # -- conversion -------------------------------------------------------------------------
+    def set_converter(self, convert: Converter) -> None:
+        self._convert = convert
+        if self._pending:
+            self._pending = deque(convert_all(list(self._pending), convert))
+
+    def unreceive(self, items: list[Any]) -> None:
+        self._pending.extendleft(reversed(items))
+
+    # -- writing ----------------------------------------------------------------------------
+    def send(self, payload: Buffer, timeout: float | None = None) -> None:
+        n = len(payload)
+        hdr = frame_header(n, self._max)
+        with self._wcond:
+            if self._werror is not None or self._closed:
+                self._raise_write_error()
+            if not self._wbuf and not self._inflight:
+                # Nothing queued: write now (no added latency); queue only what the kernel refused.
+                try:
+                    if n <= _SMALL:
+                        data = hdr + payload
+                        sent = self._wire.try_send(data)
+                        if sent == len(data):
+                            return
+                        self._wbuf += memoryview(data)[sent:]
+                    else:
+                        sent = self._wire.try_send_parts([hdr, payload])
+                        if sent >= len(hdr) + n:
+                            return
+                        self._wbuf += hdr
+                        self._wbuf += payload
+                        del self._wbuf[:sent]
+                except OSError as exc:
+                    self._werror = closed_error(exc)
+                    raise ConnectionClosed(str(self._werror), reason=self._werror.reason) \
+                        from exc
+                self._kick()
+                return
+            if len(self._wbuf) >= self._high_water:
+                self._wait_below(self._high_water, timeout)
+            self._wbuf += hdr
+            self._wbuf += payload
+
+    def _kick(self) -> None:
+        # Called with the lock held, after the buffer went from empty to non-empty.
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="procwire-flush",
+                                             daemon=True)
+            self._flusher.start()
+        else:
+            self._wcond.notify_all()
+
+    def _wait_below(self, level: int, timeout: float | None) -> None:
+        deadline = deadline_of(timeout)
+        while (len(self._wbuf) >= level or (level == 1 and self._inflight)) \
+                and self._werror is None:
+            left = remaining(deadline)
+            if left == 0.0:
+                raise Timeout(f"peer not reading: {len(self._wbuf)} bytes still queued "
+                              f"after {timeout} s")
+            self._wcond.wait(left)
+        if self._werror is not None:
+            self._raise_write_error()
+
+    def _raise_write_error(self) -> None:
+        if self._werror is not None:
+            raise ConnectionClosed(str(self._werror),
+                                   reason=getattr(self._werror, "reason", "closed")) \
+                from self._werror
+        raise ChannelClosed("channel is closed")
+
+    def _flush_loop(self) -> None:
+        cond = self._wcond
+        while True:
+            with cond:
+                while not self._wbuf:
+                    self._inflight = False
+                    cond.notify_all()
+                    if self._closed or self._werror is not None:
+                        self._flusher = None
+                        return
+                    if not cond.wait(1.0) and not self._wbuf:
+                        self._flusher = None  # idle: let the thread go, a new one comes if needed
+                        return
+                data = self._wbuf
+                self._wbuf = bytearray()
+                self._inflight = True
+                cond.notify_all()
+            try:
+                self._wire.send_all(data)
+            except OSError as exc:
+                with cond:
+                    self._werror = closed_error(exc)
+                    self._inflight = False
+                    self._wbuf.clear()
+                    self._flusher = None
+                    cond.notify_all()
+                return
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued byte is handed to the kernel."""
+        with self._wcond:
+            if self._wbuf or self._inflight:
+                self._wait_below(1, timeout)
+            elif self._werror is not None:
+                self._raise_write_error()
+
+    # -- reading ----------------------------------------------------------------------------
+    def receive(self, timeout: float | None = None) -> list[Any]:
+        """At least one message (converted), or raises ConnectionClosed / Timeout."""
+        with self._rlock:
+            if self._pending:
+                items = list(self._pending)
+                self._pending.clear()
+                return items
+            if self._eof is not None:
+                raise self._eof
+            deadline = deadline_of(timeout)
+            dec = self._dec
+            while True:
+                try:
+                    view = dec.get_buffer()
+                    n = self._wire.recv_into(view, remaining(deadline))
+                except ProtocolError:
+                    raise
+                except OSError as exc:
+                    if self._closed:
+                        self._eof = ChannelClosed("channel is closed")
+                    else:
+                        self._eof = closed_error(exc)
+                    raise self._eof from exc
+                if n == 0:
+                    return self._at_eof()
+                try:
+                    frames = dec.buffer_updated(n)
+                except ProtocolError as exc:
+                    self._eof = exc
+                    self._abort()
+                    raise
+                if frames:
+                    return convert_all(frames, self._convert)
+
+    def _at_eof(self) -> list[Any]:
+        if self._closed:
+            self._eof = ChannelClosed("channel is closed")
+            raise self._eof
+        try:
+            self._dec.check_eof()
+        except ProtocolError as exc:
+            self._eof = ConnectionClosed(str(exc), reason="truncated")
+            raise self._eof from exc
+        self._eof = ConnectionClosed("peer closed the connection", reason="eof")
+        raise self._eof
+
+    def _abort(self) -> None:
+        with self._wcond:
+            self._closed = True
+            self._wbuf.clear()
+            self._wcond.notify_all()
+        self._wire.shutdown(socket.SHUT_RDWR)
+
+    # -- closing ----------------------------------------------------------------------------
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Flush what is queued (up to ``timeout``), then close. Idempotent."""
+        with self._wcond:
+            if self._closed and self._flusher is None and self._wire is None:
+                return
+            try:
+                if (self._wbuf or self._inflight) and self._werror is None:
+                    self._wait_below(1, timeout)
+            except (Timeout, ConnectionClosed, ChannelClosed):
+                pass
+            already = self._closed
+            self._closed = True
+            self._wcond.notify_all()
+        if already and self._flusher is None:
+            self._wire.close()
+            return
+        self._wire.shutdown(socket.SHUT_WR)
+        self._wire.drain_nowait()
+        self._wire.shutdown(socket.SHUT_RDWR)  # wakes a reader or flusher blocked on the socket
+        self._wire.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed procwire stream {self.remote_address}", ResourceWarning,
+                          stacklevel=1)
+            try:
+                self._wire.close()
+            except Exception:
+                pass
+
+
+# ------------------------------------------------------------------------------------------
+# asyncio
+# ------------------------------------------------------------------------------------------
+
+class _FramedProtocol(asyncio.BufferedProtocol):
+    def __init__(self, stream: AsyncFramedStream) -> None:
+        self._s = stream
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._s._dec.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        s = self._s
+        try:
+            frames = s._dec.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            s._set_eof(exc)
+            s._transport.abort()
+            return
+        if frames:
+            items = convert_all(frames, s._convert)
+            s._inbox.extend(items)
+            s._inbox_bytes += sum(len(f) for f in frames)
+            s._wake()
+            if s._inbox_bytes >= s._inbox_limit and not s._reading_paused:
+                s._reading_paused = True
+                s._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        s = self._s
+        try:
+            s._dec.check_eof()
+            s._set_eof(ConnectionClosed("peer closed the connection", reason="eof"))
+        except ProtocolError as exc:
+            s._set_eof(ConnectionClosed(str(exc), reason="truncated"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        s = self._s
+        if exc is None:
+            s._set_eof(ConnectionClosed("connection closed", reason="eof"))
+        elif isinstance(exc, OSError):
+            s._set_eof(closed_error(exc))
+        else:
+            err = ConnectionClosed(f"connection lost: {exc}", reason="error")
+            err.__cause__ = exc
+            s._set_eof(err)
+        s._lost = True
+        s._wake_writers()
+
+    def pause_writing(self) -> None:
+        self._s._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._s._write_paused = False
+        self._s._wake_writers()
+
+
+class AsyncFramedStream:
+    """asyncio message stream over a stream transport (UNIX, TCP, TLS).
+
+    asyncio's transport already writes immediately when its buffer is empty and coalesces when
+    it is not; ``write_buffer`` is its high-water mark, past which ``send`` awaits drain.
+    Received messages wait in an inbox bounded by ``inbox`` bytes, past which reading pauses.
+    """
+
+    reliable = True
+
+    def __init__(self, opts: TransportOptions) -> None:
+        self._max = opts.max_frame_size
+        self._dec = FrameDecoder(opts.max_frame_size)
+        self._convert: Converter = _identity
+        self._inbox: deque[Any] = deque()
+        self._inbox_bytes = 0
+        self._inbox_limit = opts.inbox
+        self._write_limit = opts.write_buffer
+        self._reading_paused = False
+        self._write_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._eof: BaseException | None = None
+        self._lost = False
+        self._closed = False
+        self._transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.local_address = ""
+        self.remote_address = ""
+
+    def protocol(self) -> _FramedProtocol:
+        return _FramedProtocol(self)
+
+    def attach(self, transport: asyncio.BaseTransport, local: str, remote: str) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=self._write_limit)
+        self.local_address = local
+        self.remote_address = remote
+
+    def set_converter(self, convert: Converter) -> None:
+        self._convert = convert
+        if self._inbox:
+            self._inbox = deque(convert_all(list(self._inbox), convert))
+
+    def unreceive(self, items: list[Any]) -> None:
+        self._inbox.extendleft(reversed(items))
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake_writers(self) -> None:
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._drain_waiters.clear()
+
+    def _set_eof(self, exc: BaseException) -> None:
+        if self._eof is None:
+            self._eof = exc
+        self._wake()
+
+    async def send(self, payload: Buffer, timeout: float | None = None) -> None:
+        if self._closed:
+            raise ChannelClosed("channel is closed")
+        if self._lost or self._transport.is_closing():
+            raise self._write_closed()
+        n = len(payload)
+        hdr = frame_header(n, self._max)
+        if n <= _SMALL:
+            self._transport.write(hdr + payload)
+        else:
+            self._transport.writelines([hdr, payload])
+        if self._write_paused:
+            await self._drain(timeout)
+
+    def _write_closed(self) -> ConnectionClosed:
+        if isinstance(self._eof, ConnectionClosed):
+            return ConnectionClosed(str(self._eof), reason=self._eof.reason)
+        return ConnectionClosed("connection closed", reason="closed")
+
+    async def _drain(self, timeout: float | None) -> None:
+        while self._write_paused and not self._lost:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(fut)
+            try:
+                async with asyncio.timeout(timeout):
+                    await fut
+            except TimeoutError:
+                raise Timeout(f"peer not reading: write buffer full after {timeout} s") from None
+        if self._lost:
+            raise self._write_closed()
+
+    async def flush(self, timeout: float | None = None) -> None:
+        deadline = deadline_of(timeout)
+        # asyncio exposes no "buffer empty" event below the high-water mark; poll briefly.
+        while self._transport.get_write_buffer_size() and not self._lost:
+            left = remaining(deadline)
+            if left == 0.0:
+                raise Timeout(f"write buffer not flushed within {timeout} s")
+            await asyncio.sleep(0.001)
+        if self._lost and self._transport.get_write_buffer_size():
+            raise self._write_closed()
+
+    async def receive(self, timeout: float | None = None) -> list[Any]:
+        if not self._inbox:
+            if self._eof is not None:
+                raise self._eof
+            if self._closed:
+                raise ChannelClosed("channel is closed")
+            if self._waiter is not None:
+                raise RuntimeError("receive() called while another receive() waits")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            except TimeoutError:
+                if not self._inbox:
+                    raise Timeout(f"no message within {timeout} s") from None
+            finally:
+                self._waiter = None
+            if not self._inbox:
+                if self._eof is not None:
+                    raise self._eof
+                raise ChannelClosed("channel is closed")
+        items = list(self._inbox)
+        self._inbox.clear()
+        self._inbox_bytes = 0
+        if self._reading_paused and not self._lost:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return items
+
+    async def close(self, timeout: float | None = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        t = self._transport
+        if t is None:
+            return
+        try:
+            await self.flush(timeout)
+        except (Timeout, ConnectionClosed):
+            pass
+        if t.can_write_eof() and not t.is_closing():
+            try:
+                t.write_eof()
+            except OSError:
+                pass
+        t.close()
+        self._set_eof(ChannelClosed("channel is closed"))
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_transport", None) is not None:
+            warnings.warn(f"unclosed procwire stream {self.remote_address}", ResourceWarning,
+                          stacklevel=1)
