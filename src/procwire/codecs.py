@@ -11,7 +11,7 @@ decode, so it is opt-in only and refused on a TCP channel without an auth key.
 from __future__ import annotations
 
 import pickle as _pickle
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -40,8 +40,8 @@ class JsonCodec:
     NaN and infinities are refused, since other languages' JSON parsers reject them.
     """
 
-    name: ClassVar[str] = "json"
-    safe: ClassVar[bool] = True
+    name = "json"
+    safe = True
 
     def __init__(self) -> None:
         self._enc = msgspec.json.Encoder()
@@ -79,8 +79,8 @@ def _has_nonfinite(obj: Any, depth: int = 0) -> bool:
 class MsgpackCodec:
     """MessagePack via msgspec: binary-safe, compact, cross-language."""
 
-    name: ClassVar[str] = "msgpack"
-    safe: ClassVar[bool] = True
+    name = "msgpack"
+    safe = True
 
     def __init__(self) -> None:
         self._enc = msgspec.msgpack.Encoder()
@@ -102,8 +102,8 @@ class MsgpackCodec:
 class RawCodec:
     """Bytes in, bytes out; ``recv()`` returns ``bytes``."""
 
-    name: ClassVar[str] = "raw"
-    safe: ClassVar[bool] = True
+    name = "raw"
+    safe = True
 
     def encode(self, obj: Any) -> bytes | bytearray | memoryview:
         if isinstance(obj, bytes | bytearray | memoryview):
@@ -117,8 +117,8 @@ class RawCodec:
 class PickleCodec:
     """Any picklable object. Decoding runs code chosen by the sender: trusted peers only."""
 
-    name: ClassVar[str] = "pickle"
-    safe: ClassVar[bool] = False
+    name = "pickle"
+    safe = False
 
     def encode(self, obj: Any) -> bytes:
         try:

@@ -14,10 +14,18 @@ own, and the rest of it is read straight into that.
 from __future__ import annotations
 
 import struct
+from typing import Protocol
 
 from .._errors import FrameTooLarge, ProtocolError
 
-__all__ = ["DEFAULT_MAX_FRAME_SIZE", "FrameDecoder", "encode_frame", "frame_header"]
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "FrameDecoder",
+    "Framing",
+    "LengthPrefixed",
+    "encode_frame",
+    "frame_header",
+]
 
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 DEFAULT_READ_BUFFER = 256 * 1024
@@ -42,8 +50,55 @@ def frame_header(size: int, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> byt
 
 def encode_frame(payload: bytes | bytearray | memoryview,
                  max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
-    """Header and payload as one ``bytes`` (convenient; the streams avoid this copy for big ones)."""
+    """Header and payload as one ``bytes`` (the streams avoid this copy for big payloads)."""
     return frame_header(len(payload), max_frame_size) + payload
+
+
+class Decoder(Protocol):
+    """A sans-IO stream decoder in the shape of asyncio's BufferedProtocol."""
+
+    def get_buffer(self) -> memoryview: ...
+
+    def buffer_updated(self, nbytes: int) -> list[memoryview]: ...
+
+    def pending(self) -> int: ...
+
+    def check_eof(self) -> None: ...
+
+
+class Framing(Protocol):
+    """How a byte stream carries messages: a decoder, and how to frame one payload.
+
+    ``frame(payload)`` returns header + payload (+ trailer) as one buffer, used for small
+    payloads; ``frame_parts(payload)`` returns the pieces for a gather write, so a large
+    payload is never copied.
+    """
+
+    max_frame_size: int
+
+    def decoder(self) -> Decoder: ...
+
+    def frame(self, payload: bytes | bytearray | memoryview) -> bytes | bytearray: ...
+
+    def frame_parts(self, payload: bytes | bytearray | memoryview
+                    ) -> list[bytes | bytearray | memoryview]: ...
+
+
+class LengthPrefixed:
+    """procwire's own framing: 4-byte big-endian length (escape to 8 bytes), then payload."""
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+
+    def decoder(self) -> FrameDecoder:
+        return FrameDecoder(self.max_frame_size)
+
+    def frame(self, payload: bytes | bytearray | memoryview) -> bytes:
+        return frame_header(len(payload), self.max_frame_size) + payload
+
+    def frame_parts(self, payload: bytes | bytearray | memoryview
+                    ) -> list[bytes | bytearray | memoryview]:
+        return [frame_header(len(payload), self.max_frame_size), payload]
 
 
 class FrameDecoder:

@@ -25,7 +25,7 @@ from collections import deque
 from typing import Any
 
 from .._errors import ChannelClosed, ConnectionClosed, ProtocolError, Timeout
-from ..protocol.framing import FrameDecoder, frame_header
+from ..protocol.framing import Framing, LengthPrefixed
 from .base import Buffer, Converter, TransportOptions, convert_all
 
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -117,13 +117,13 @@ class FramedStream:
     reliable = True
 
     def __init__(self, wire: SocketWire, opts: TransportOptions, *, local_address: str,
-                 remote_address: str) -> None:
+                 remote_address: str, framing: Framing | None = None) -> None:
         self._wire = wire
-        self._max = opts.max_frame_size
+        self._framing = framing = framing or LengthPrefixed(opts.max_frame_size)
         self._high_water = opts.write_buffer
         self.local_address = local_address
         self.remote_address = remote_address
-        self._dec = FrameDecoder(opts.max_frame_size)
+        self._dec = framing.decoder()
         self._convert: Converter = _identity
         self._pending: deque[Any] = deque()
         self._rlock = threading.Lock()
@@ -148,25 +148,28 @@ class FramedStream:
     # -- writing ----------------------------------------------------------------------------
     def send(self, payload: Buffer, timeout: float | None = None) -> None:
         n = len(payload)
-        hdr = frame_header(n, self._max)
+        small = n <= _SMALL
+        if small:
+            data = self._framing.frame(payload)
+        else:
+            parts = self._framing.frame_parts(payload)
         with self._wcond:
             if self._werror is not None or self._closed:
                 self._raise_write_error()
             if not self._wbuf and not self._inflight:
                 # Nothing queued: write now (no added latency); queue only what the kernel refused.
                 try:
-                    if n <= _SMALL:
-                        data = hdr + payload
+                    if small:
                         sent = self._wire.try_send(data)
                         if sent == len(data):
                             return
                         self._wbuf += memoryview(data)[sent:]
                     else:
-                        sent = self._wire.try_send_parts([hdr, payload])
-                        if sent >= len(hdr) + n:
+                        sent = self._wire.try_send_parts(parts)
+                        if sent >= sum(len(p) for p in parts):
                             return
-                        self._wbuf += hdr
-                        self._wbuf += payload
+                        for p in parts:
+                            self._wbuf += p
                         del self._wbuf[:sent]
                 except OSError as exc:
                     self._werror = closed_error(exc)
@@ -176,8 +179,11 @@ class FramedStream:
                 return
             if len(self._wbuf) >= self._high_water:
                 self._wait_below(self._high_water, timeout)
-            self._wbuf += hdr
-            self._wbuf += payload
+            if small:
+                self._wbuf += data
+            else:
+                for p in parts:
+                    self._wbuf += p
 
     def _kick(self) -> None:
         # Called with the lock held, after the buffer went from empty to non-empty.
@@ -400,9 +406,9 @@ class AsyncFramedStream:
 
     reliable = True
 
-    def __init__(self, opts: TransportOptions) -> None:
-        self._max = opts.max_frame_size
-        self._dec = FrameDecoder(opts.max_frame_size)
+    def __init__(self, opts: TransportOptions, framing: Framing | None = None) -> None:
+        self._framing = framing = framing or LengthPrefixed(opts.max_frame_size)
+        self._dec = framing.decoder()
         self._convert: Converter = _identity
         self._inbox: deque[Any] = deque()
         self._inbox_bytes = 0
@@ -458,12 +464,10 @@ class AsyncFramedStream:
             raise ChannelClosed("channel is closed")
         if self._lost or self._transport.is_closing():
             raise self._write_closed()
-        n = len(payload)
-        hdr = frame_header(n, self._max)
-        if n <= _SMALL:
-            self._transport.write(hdr + payload)
+        if len(payload) <= _SMALL:
+            self._transport.write(self._framing.frame(payload))
         else:
-            self._transport.writelines([hdr, payload])
+            self._transport.writelines(self._framing.frame_parts(payload))
         if self._write_paused:
             await self._drain(timeout)
 
