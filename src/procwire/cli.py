@@ -1,0 +1,152 @@
+"""The ``procwire`` command line.
+
+``procwire demo`` tours the local transports; ``procwire send`` / ``procwire recv`` move JSON
+messages over any URL. Run ``procwire --help`` for the list.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import Annotated, Any
+
+import typer
+
+from . import _errors
+from ._version import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="procwire: every way processes talk.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"procwire {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False
+          ) -> None:
+    """procwire: message channels, children, clusters, an event bus and queues."""
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not valid JSON: {exc}") from exc
+
+
+def _dump(msg: Any) -> str:
+    if isinstance(msg, bytes | bytearray):
+        return json.dumps({"bytes": msg.hex()})
+    return json.dumps(msg, ensure_ascii=False, separators=(",", ":"))
+
+
+@app.command()
+def send(url: Annotated[str, typer.Argument(help="Where to send, e.g. unix:///tmp/app.sock")],
+         message: Annotated[str | None, typer.Argument(
+             help="The message as JSON. Omit to send one JSON value per line of stdin.")] = None,
+         codec: Annotated[str, typer.Option(help="json, msgpack or raw")] = "json",
+         timeout: Annotated[float, typer.Option(help="Seconds to connect and flush.")] = 10.0,
+         retry: Annotated[bool, typer.Option(help="Keep retrying while nothing listens.")]
+         = False,
+         auth: Annotated[str | None, typer.Option(envvar="PROCWIRE_AUTH",
+                                                  help="Shared key (or $PROCWIRE_AUTH).")]
+         = None) -> None:
+    """Connect to URL and send one message (or each JSON line of stdin)."""
+    from . import connect
+
+    try:
+        with connect(url, codec=codec, timeout=timeout, retry=retry, auth=auth) as ch:
+            if message is not None:
+                ch.send(_parse_json(message), timeout=timeout)
+            else:
+                for n, line in enumerate(sys.stdin, 1):
+                    if line.strip():
+                        try:
+                            ch.send(json.loads(line), timeout=timeout)
+                        except json.JSONDecodeError as exc:
+                            raise typer.BadParameter(f"stdin line {n}: {exc}") from exc
+            ch.flush(timeout)
+    except _errors.ProcwireError as exc:
+        typer.echo(f"procwire send: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def recv(url: Annotated[str, typer.Argument(help="Where to listen, e.g. tcp://127.0.0.1:5000")],
+         count: Annotated[int, typer.Option("--count", "-n",
+                                            help="Exit after this many messages (0: never).")]
+         = 0,
+         timeout: Annotated[float | None, typer.Option(
+             help="Exit with status 1 after this many seconds without a message.")] = None,
+         codec: Annotated[str, typer.Option(help="json, msgpack or raw")] = "json",
+         auth: Annotated[str | None, typer.Option(envvar="PROCWIRE_AUTH",
+                                                  help="Shared key (or $PROCWIRE_AUTH).")]
+         = None) -> None:
+    """Listen at URL and print every message from every client as one JSON line."""
+    from . import listen
+
+    lock = threading.Lock()
+    done = threading.Event()
+    state = {"seen": 0, "last": time.monotonic()}
+
+    def serve(ch: Any) -> None:
+        with ch:
+            try:
+                for msg in ch:
+                    with lock:
+                        if done.is_set():
+                            return
+                        print(_dump(msg), flush=True)
+                        state["seen"] += 1
+                        state["last"] = time.monotonic()
+                        if count and state["seen"] >= count:
+                            done.set()
+                            return
+            except _errors.ProcwireError as exc:
+                print(f"procwire recv: {ch.remote_address}: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+
+    try:
+        server = listen(url, codec=codec, auth=auth)
+    except _errors.ProcwireError as exc:
+        typer.echo(f"procwire recv: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    print(f"listening on {server.address}", file=sys.stderr, flush=True)
+    with server:
+        while not done.is_set():
+            if timeout is not None and time.monotonic() - state["last"] > timeout:
+                typer.echo(f"procwire recv: no message for {timeout} s", err=True)
+                raise typer.Exit(1)
+            try:
+                ch = server.accept(timeout=0.2 if timeout is None else min(timeout, 0.2))
+            except _errors.Timeout:
+                continue
+            threading.Thread(target=serve, args=(ch,), daemon=True).start()
+        # Accept is polled in short slices so --count and --timeout end it promptly.
+
+
+@app.command()
+def demo(json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
+         = False,
+         messages: Annotated[int, typer.Option(help="Messages in each burst.")] = 20000) -> None:
+    """Start a second process and show messages flowing over each local transport."""
+    from ._demo import run_demo
+
+    ok = run_demo(json_out=json_out, burst=messages)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
