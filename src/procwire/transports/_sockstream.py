@@ -265,8 +265,8 @@ class FramedStream:
                 try:
                     view = dec.get_buffer()
                     n = self._wire.recv_into(view, remaining(deadline))
-                except ProtocolError:
-                    raise
+                except (ProtocolError, Timeout):
+                    raise  # Timeout is an OSError (via TimeoutError): not a dead connection
                 except OSError as exc:
                     if self._closed:
                         self._eof = ChannelClosed("channel is closed")
