@@ -24,7 +24,11 @@ Buffer = bytes | bytearray | memoryview
 
 @runtime_checkable
 class Codec(Protocol):
-    """What a codec provides. ``safe`` is False when decoding can run arbitrary code."""
+    """What a codec provides. ``safe`` is False when decoding can run arbitrary code.
+
+    A codec may also have ``fast_decode`` / ``fast_encode``: callables (often C) used on the
+    hot paths; when one raises, ``decode`` / ``encode`` runs to produce the typed error.
+    """
 
     name: str
     safe: bool
@@ -46,6 +50,7 @@ class JsonCodec:
     def __init__(self) -> None:
         self._enc = msgspec.json.Encoder()
         self._dec = msgspec.json.Decoder()
+        self.fast_decode = self._dec.decode
 
     def encode(self, obj: Any) -> bytes:
         try:
@@ -85,6 +90,8 @@ class MsgpackCodec:
     def __init__(self) -> None:
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder()
+        self.fast_decode = self._dec.decode
+        self.fast_encode = self._enc.encode
 
     def encode(self, obj: Any) -> bytes:
         try:
@@ -104,6 +111,10 @@ class RawCodec:
 
     name = "raw"
     safe = True
+    fast_decode = bytes
+    # memoryview() accepts exactly the bytes-like objects, in C; the channel turns its
+    # TypeError into EncodeError via encode().
+    fast_encode = memoryview
 
     def encode(self, obj: Any) -> bytes | bytearray | memoryview:
         if isinstance(obj, bytes | bytearray | memoryview):

@@ -48,10 +48,12 @@ class AsyncChannel:
     def __init__(self, stream: AsyncMessageStream, codec: Codec) -> None:
         self._stream = stream
         self._codec = codec
-        self._encode = codec.encode
+        self._encode = getattr(codec, "fast_encode", codec.encode)
+        self._send = stream.send
+        self._receive = stream.receive
         self._inbox: deque[Any] = deque()
         self._closed = False
-        stream.set_converter(codec.decode)
+        stream.set_converter(getattr(codec, "fast_decode", codec.decode), codec.decode)
 
     @property
     def codec(self) -> str:
@@ -79,7 +81,11 @@ class AsyncChannel:
         """Send one message. Waits only when ``write_buffer`` bytes are already queued (the peer
         is not reading); raises ``Timeout`` if that lasts longer than ``timeout``,
         ``ConnectionClosed`` if the peer is gone, ``EncodeError`` if the codec refuses ``obj``."""
-        await self._stream.send(self._encode(obj), timeout)
+        try:
+            payload = self._encode(obj)
+        except Exception:
+            payload = self._codec.encode(obj)  # raises the codec's typed EncodeError
+        await self._send(payload, timeout)
 
     async def recv(self, timeout: float | None = None) -> Any:
         """The next message. ``timeout=None`` waits for as long as it takes.
@@ -89,11 +95,16 @@ class AsyncChannel:
         the next message), or ``ProtocolError`` when the byte stream is broken.
         """
         inbox = self._inbox
-        if not inbox:
+        if inbox:
+            item = inbox.popleft()
+        else:
             if self._closed:
                 raise ChannelClosed("channel is closed")
-            inbox.extend(await self._stream.receive(timeout))
-        item = inbox.popleft()
+            items = await self._receive(timeout)
+            item = items[0]
+            if len(items) > 1:
+                inbox.extend(items)
+                inbox.popleft()
         if type(item) is Failed:
             raise item.exc
         return item

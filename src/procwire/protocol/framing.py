@@ -14,6 +14,7 @@ own, and the rest of it is read straight into that.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Protocol
 
 from .._errors import FrameTooLarge, ProtocolError
@@ -119,7 +120,8 @@ class FrameDecoder:
     stream has no trustworthy boundary left.
     """
 
-    __slots__ = ("_big", "_big_filled", "_buf", "_end", "_error", "_max", "_mv", "_size", "_start")
+    __slots__ = ("_big", "_big_filled", "_buf", "_end", "_error", "_max", "_mv", "_size",
+                 "_start")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
                  buffer_size: int = DEFAULT_READ_BUFFER) -> None:
@@ -149,15 +151,16 @@ class FrameDecoder:
 
     def get_buffer(self) -> memoryview:
         """Where the next bytes go. Invalidates frames returned earlier."""
+        start = self._start
+        if start == self._end and self._big is None and self._error is None:
+            self._start = self._end = 0
+            return self._mv  # the common case: everything consumed, the whole buffer is free
         if self._error is not None:
             raise self._error
         big = self._big
         if big is not None:
             return memoryview(big)[self._big_filled:]
-        start = self._start
-        if start == self._end:
-            self._start = self._end = 0
-        elif start and self._size - self._end < (self._size >> 2):
+        if start and self._size - self._end < (self._size >> 2):
             # Move the partial frame to the front so the next read has room.
             n = self._end - start
             self._mv[:n] = self._mv[start:self._end]
@@ -175,8 +178,40 @@ class FrameDecoder:
             self._big = None
             self._big_filled = 0
             return [memoryview(big)]
-        self._end += nbytes
+        pos = self._start
+        end = self._end = self._end + nbytes
+        if end - pos >= 4:
+            # Fast path: the read holds exactly one whole frame (a request/reply exchange).
+            (n,) = _u32_unpack_from(self._buf, pos)
+            if pos + 4 + n == end and n <= self._max and n != _ESCAPE:
+                self._start = end
+                return [self._mv[pos + 4:end]]
         return self._split()
+
+    def fill(self, read_into: Callable[[memoryview], int]) -> list[memoryview] | None:
+        """``get_buffer``, ``read_into(buffer)`` and ``buffer_updated`` in one call.
+
+        ``read_into`` is the caller's I/O (e.g. ``sock.recv_into``); this stays sans-IO. Returns
+        the frames completed (possibly none), or None when ``read_into`` returned 0 (EOF).
+        This is the receive hot path, so the common case (all consumed, one whole frame read)
+        is handled inline.
+        """
+        if self._start == self._end and self._big is None and self._error is None:
+            self._start = self._end = 0
+            n = read_into(self._mv)
+            if n >= 4:
+                (size,) = _u32_unpack_from(self._buf, 0)
+                if size + 4 == n and size <= self._max:
+                    self._start = self._end = n
+                    return [self._mv[4:n]]
+            elif not n:
+                return None
+            self._end = n
+            return self._split()
+        n = read_into(self.get_buffer())
+        if not n:
+            return None
+        return self.buffer_updated(n)
 
     def _split(self) -> list[memoryview]:
         out: list[memoryview] = []

@@ -24,8 +24,9 @@ import warnings
 from collections import deque
 from typing import Any
 
-from .._errors import ChannelClosed, ConnectionClosed, ProtocolError, Timeout
+from .._errors import ChannelClosed, ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
 from ..protocol.framing import Framing, LengthPrefixed
+from ..protocol.framing import _u32_pack  # the header, inlined on the hot path
 from .base import Buffer, Converter, TransportOptions, convert_all
 
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -112,7 +113,12 @@ class SocketWire:
 
 
 class FramedStream:
-    """A blocking, thread-safe message stream over a wire, with length-prefixed framing."""
+    """A blocking, thread-safe message stream over a wire, with length-prefixed framing.
+
+    The hot paths (``send`` of a small message with nothing queued, ``receive`` without a
+    timeout) are kept to a handful of attribute reads and one syscall: in a request/reply the
+    library's own cost is what stands between the caller and raw-socket latency.
+    """
 
     reliable = True
 
@@ -120,27 +126,43 @@ class FramedStream:
                  remote_address: str, framing: Framing | None = None) -> None:
         self._wire = wire
         self._framing = framing = framing or LengthPrefixed(opts.max_frame_size)
+        self._lp = type(framing) is LengthPrefixed  # inline the header for our own framing
+        self._max = framing.max_frame_size
         self._high_water = opts.write_buffer
         self.local_address = local_address
         self.remote_address = remote_address
         self._dec = framing.decoder()
         self._convert: Converter = _identity
+        self._safe_convert: Converter | None = None
         self._pending: deque[Any] = deque()
         self._rlock = threading.Lock()
         self._eof: BaseException | None = None
-        # Write side: guarded by _wcond's lock.
-        self._wcond = threading.Condition(threading.Lock())
+        # Plain sockets skip the wire's method layer on the hot paths.
+        plain = type(wire) is SocketWire
+        self._sock_send = wire.sock.send if plain else None
+        self._sock_recv_into = wire.sock.recv_into if plain else None
+        # Reads without a timeout on a plain socket with our framing take the inline path.
+        self._fast_read = plain and self._lp
+        # Write side, guarded by _wlock. _idle caches "nothing queued, nothing in flight, no
+        # error, not closed": the one check a direct write needs.
+        self._wlock = threading.Lock()
+        self._wcond = threading.Condition(self._wlock)
         self._wbuf = bytearray()
         self._inflight = False  # the flusher is writing a chunk outside the lock
+        self._idle = True
         self._flusher: threading.Thread | None = None
-        self._werror: BaseException | None = None
+        self._werror: ConnectionClosed | None = None
         self._closed = False
+        self._wire_closed = False
 
     # -- conversion -------------------------------------------------------------------------
-    def set_converter(self, convert: Converter) -> None:
+    def set_converter(self, convert: Converter, safe: Converter | None = None) -> None:
+        """``convert`` runs on every frame; on an exception ``safe`` (default: ``convert``)
+        runs on each frame of that batch alone, to produce a typed error for the bad one."""
         self._convert = convert
+        self._safe_convert = safe
         if self._pending:
-            self._pending = deque(convert_all(list(self._pending), convert))
+            self._pending = deque(convert_all(list(self._pending), convert, safe))
 
     def unreceive(self, items: list[Any]) -> None:
         self._pending.extendleft(reversed(items))
@@ -148,45 +170,73 @@ class FramedStream:
     # -- writing ----------------------------------------------------------------------------
     def send(self, payload: Buffer, timeout: float | None = None) -> None:
         n = len(payload)
-        small = n <= _SMALL
-        if small:
-            data = self._framing.frame(payload)
+        if n > _SMALL:
+            return self._send_parts(self._framing.frame_parts(payload), timeout)
+        if self._lp:
+            if n > self._max:
+                raise FrameTooLarge(n, self._max)
+            data = _u32_pack(n) + payload
         else:
-            parts = self._framing.frame_parts(payload)
-        with self._wcond:
-            if self._werror is not None or self._closed:
-                self._raise_write_error()
-            if not self._wbuf and not self._inflight:
-                # Nothing queued: write now (no added latency); queue only what the kernel refused.
+            data = self._framing.frame(payload)
+        with self._wlock:
+            if self._idle:
+                # Nothing queued: write now (no added latency); queue only what the kernel
+                # refused, and let the flusher thread write it when the peer reads.
                 try:
-                    if small:
-                        sent = self._wire.try_send(data)
-                        if sent == len(data):
-                            return
-                        self._wbuf += memoryview(data)[sent:]
+                    if self._sock_send is not None:
+                        sent = self._sock_send(data, _DONTWAIT)
                     else:
-                        sent = self._wire.try_send_parts(parts)
-                        if sent >= sum(len(p) for p in parts):
-                            return
-                        for p in parts:
-                            self._wbuf += p
-                        del self._wbuf[:sent]
+                        sent = self._wire.try_send(data)
+                except BlockingIOError:
+                    sent = 0
                 except OSError as exc:
-                    self._werror = closed_error(exc)
-                    raise ConnectionClosed(str(self._werror), reason=self._werror.reason) \
-                        from exc
+                    raise self._fail_write(exc) from exc
+                if sent == len(data):
+                    return None
+                self._wbuf += memoryview(data)[sent:]
                 self._kick()
-                return
-            if len(self._wbuf) >= self._high_water:
-                self._wait_below(self._high_water, timeout)
-            if small:
-                self._wbuf += data
-            else:
+                return None
+            self._append([data], timeout)
+        return None
+
+    def _send_parts(self, parts: list[Buffer], timeout: float | None) -> None:
+        with self._wlock:
+            if self._idle:
+                try:
+                    sent = self._wire.try_send_parts(parts)
+                except OSError as exc:
+                    raise self._fail_write(exc) from exc
+                if sent >= sum(len(p) for p in parts):
+                    return
                 for p in parts:
                     self._wbuf += p
+                del self._wbuf[:sent]
+                self._kick()
+                return
+            self._append(parts, timeout)
+
+    def _append(self, parts: list[Buffer], timeout: float | None) -> None:
+        # Lock held. Something is queued or in flight (or we are broken): keep the order.
+        if self._werror is not None or self._closed:
+            self._raise_write_error()
+        if len(self._wbuf) >= self._high_water:
+            self._wait_below(self._high_water, timeout)
+        was_empty = not self._wbuf
+        for p in parts:
+            self._wbuf += p
+        if was_empty:
+            self._kick()
+
+    def _fail_write(self, exc: OSError) -> ConnectionClosed:
+        # Lock held.
+        err = closed_error(exc)
+        self._werror = err
+        self._idle = False
+        return ConnectionClosed(str(err), reason=err.reason)
 
     def _kick(self) -> None:
-        # Called with the lock held, after the buffer went from empty to non-empty.
+        # Lock held; the buffer just went from empty to non-empty.
+        self._idle = False
         if self._flusher is None:
             self._flusher = threading.Thread(target=self._flush_loop, name="procwire-flush",
                                              daemon=True)
@@ -208,8 +258,7 @@ class FramedStream:
 
     def _raise_write_error(self) -> None:
         if self._werror is not None:
-            raise ConnectionClosed(str(self._werror),
-                                   reason=getattr(self._werror, "reason", "closed")) \
+            raise ConnectionClosed(str(self._werror), reason=self._werror.reason) \
                 from self._werror
         raise ChannelClosed("channel is closed")
 
@@ -223,18 +272,20 @@ class FramedStream:
                     if self._closed or self._werror is not None:
                         self._flusher = None
                         return
+                    self._idle = True
                     if not cond.wait(1.0) and not self._wbuf:
                         self._flusher = None  # idle: let the thread go, a new one comes if needed
                         return
                 data = self._wbuf
                 self._wbuf = bytearray()
                 self._inflight = True
+                self._idle = False
                 cond.notify_all()
             try:
                 self._wire.send_all(data)
             except OSError as exc:
                 with cond:
-                    self._werror = closed_error(exc)
+                    self._fail_write(exc)
                     self._inflight = False
                     self._wbuf.clear()
                     self._flusher = None
@@ -253,38 +304,70 @@ class FramedStream:
     def receive(self, timeout: float | None = None) -> list[Any]:
         """At least one message (converted), or raises ConnectionClosed / Timeout."""
         with self._rlock:
-            if self._pending:
-                items = list(self._pending)
-                self._pending.clear()
-                return items
-            if self._eof is not None:
-                raise self._eof
-            deadline = deadline_of(timeout)
-            dec = self._dec
+            if timeout is not None or not self._fast_read or self._pending:
+                return self._receive_slow(timeout)
+            fill = self._dec.fill  # type: ignore[attr-defined]
+            recv_into = self._sock_recv_into
             while True:
                 try:
-                    view = dec.get_buffer()
-                    n = self._wire.recv_into(view, remaining(deadline))
-                except (ProtocolError, Timeout):
-                    raise  # Timeout is an OSError (via TimeoutError): not a dead connection
+                    frames = fill(recv_into)
                 except OSError as exc:
-                    if self._closed:
-                        self._eof = ChannelClosed("channel is closed")
-                    else:
-                        self._eof = closed_error(exc)
-                    raise self._eof from exc
-                if n == 0:
-                    return self._at_eof()
-                try:
-                    frames = dec.buffer_updated(n)
+                    raise self._read_failed(exc) from exc
                 except ProtocolError as exc:
                     self._eof = exc
+                    self._fast_read = False
                     self._abort()
                     raise
                 if frames:
-                    return convert_all(frames, self._convert)
+                    convert = self._convert
+                    try:
+                        if len(frames) == 1:
+                            return [convert(frames[0])]
+                        return [convert(f) for f in frames]
+                    except Exception:
+                        return convert_all(frames, convert, self._safe_convert)
+                if frames is None:
+                    return self._at_eof()
+
+    def _receive_slow(self, timeout: float | None) -> list[Any]:
+        # _rlock held.
+        if self._pending:
+            items = list(self._pending)
+            self._pending.clear()
+            return items
+        if self._eof is not None:
+            raise self._eof
+        deadline = deadline_of(timeout)
+        dec = self._dec
+        while True:
+            try:
+                n = self._wire.recv_into(dec.get_buffer(), remaining(deadline))
+            except (ProtocolError, Timeout):
+                raise  # Timeout is an OSError (via TimeoutError): not a dead connection
+            except OSError as exc:
+                raise self._read_failed(exc) from exc
+            if n == 0:
+                return self._at_eof()
+            try:
+                frames = dec.buffer_updated(n)
+            except ProtocolError as exc:
+                self._eof = exc
+                self._fast_read = False
+                self._abort()
+                raise
+            if frames:
+                return convert_all(frames, self._convert, self._safe_convert)
+
+    def _read_failed(self, exc: OSError) -> BaseException:
+        self._fast_read = False
+        if self._closed:
+            self._eof = ChannelClosed("channel is closed")
+        else:
+            self._eof = closed_error(exc)
+        return self._eof
 
     def _at_eof(self) -> list[Any]:
+        self._fast_read = False
         if self._closed:
             self._eof = ChannelClosed("channel is closed")
             raise self._eof
@@ -299,6 +382,7 @@ class FramedStream:
     def _abort(self) -> None:
         with self._wcond:
             self._closed = True
+            self._idle = False
             self._wbuf.clear()
             self._wcond.notify_all()
         self._wire.shutdown(socket.SHUT_RDWR)
@@ -307,23 +391,22 @@ class FramedStream:
     def close(self, timeout: float | None = 10.0) -> None:
         """Flush what is queued (up to ``timeout``), then close. Idempotent."""
         with self._wcond:
-            if self._closed and self._flusher is None and self._wire is None:
+            if self._wire_closed:
                 return
             try:
                 if (self._wbuf or self._inflight) and self._werror is None:
                     self._wait_below(1, timeout)
             except (Timeout, ConnectionClosed, ChannelClosed):
                 pass
-            already = self._closed
             self._closed = True
+            self._idle = False
             self._wcond.notify_all()
-        if already and self._flusher is None:
-            self._wire.close()
-            return
-        self._wire.shutdown(socket.SHUT_WR)
-        self._wire.drain_nowait()
-        self._wire.shutdown(socket.SHUT_RDWR)  # wakes a reader or flusher blocked on the socket
-        self._wire.close()
+            self._wire_closed = True
+        wire = self._wire
+        wire.shutdown(socket.SHUT_WR)
+        wire.drain_nowait()
+        wire.shutdown(socket.SHUT_RDWR)  # wakes a reader or flusher blocked on the socket
+        wire.close()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
@@ -358,7 +441,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
             s._transport.abort()
             return
         if frames:
-            items = convert_all(frames, s._convert)
+            items = convert_all(frames, s._convert, s._safe_convert)
             s._inbox.extend(items)
             s._inbox_bytes += sum(len(f) for f in frames)
             s._wake()
@@ -410,6 +493,7 @@ class AsyncFramedStream:
         self._framing = framing = framing or LengthPrefixed(opts.max_frame_size)
         self._dec = framing.decoder()
         self._convert: Converter = _identity
+        self._safe_convert: Converter | None = None
         self._inbox: deque[Any] = deque()
         self._inbox_bytes = 0
         self._inbox_limit = opts.inbox
@@ -435,10 +519,11 @@ class AsyncFramedStream:
         self.local_address = local
         self.remote_address = remote
 
-    def set_converter(self, convert: Converter) -> None:
+    def set_converter(self, convert: Converter, safe: Converter | None = None) -> None:
         self._convert = convert
+        self._safe_convert = safe
         if self._inbox:
-            self._inbox = deque(convert_all(list(self._inbox), convert))
+            self._inbox = deque(convert_all(list(self._inbox), convert, safe))
 
     def unreceive(self, items: list[Any]) -> None:
         self._inbox.extendleft(reversed(items))

@@ -34,16 +34,23 @@ class Failed:
         self.exc = exc
 
 
-def convert_all(frames: Sequence[Buffer], convert: Converter) -> list[Any]:
-    """Convert each frame; a frame that fails becomes a ``Failed`` in its place."""
+def convert_all(frames: Sequence[Buffer], convert: Converter,
+                safe: Converter | None = None) -> list[Any]:
+    """Convert each frame; a frame that fails becomes a ``Failed`` in its place.
+
+    ``convert`` is the fast path (e.g. msgspec's decoder itself); when it raises, every frame
+    of the batch is converted again with ``safe`` (the codec's ``decode``, which raises
+    procwire's typed errors), so the bad frame gets a clear error and the others are kept.
+    """
     try:
         return [convert(f) for f in frames]
     except Exception:
         pass
+    slow = safe or convert
     out: list[Any] = []
     for f in frames:
         try:
-            out.append(convert(f))
+            out.append(slow(f))
         except Exception as exc:
             out.append(Failed(exc))
     return out
@@ -74,7 +81,7 @@ class MessageStream(Protocol):
     local_address: str
     remote_address: str
 
-    def set_converter(self, convert: Converter) -> None: ...
+    def set_converter(self, convert: Converter, safe: Converter | None = None) -> None: ...
 
     def unreceive(self, items: list[Any]) -> None: ...
 
@@ -94,7 +101,7 @@ class AsyncMessageStream(Protocol):
     local_address: str
     remote_address: str
 
-    def set_converter(self, convert: Converter) -> None: ...
+    def set_converter(self, convert: Converter, safe: Converter | None = None) -> None: ...
 
     def unreceive(self, items: list[Any]) -> None: ...
 
