@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,7 +55,20 @@ def transform(text: str, name: str) -> str:
     text = _WORD_RE.sub(lambda m: WORDS[m.group(1)], text)
     for pattern, repl in PHRASES:
         text = pattern.sub(repl, text)
-    return HEADER.format(name=name) + text
+    return sort_imports(HEADER.format(name=name) + text, name)
+
+
+def sort_imports(text: str, name: str) -> str:
+    """Renaming can unsort an import list; let ruff (the project's linter) re-sort it."""
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        raise SystemExit("scripts/unasync.py needs ruff (pip install -e '.[dev]')")
+    out = subprocess.run([ruff, "check", "--select", "I", "--fix", "--quiet",
+                          "--stdin-filename", str(DST / name), "-"],
+                         input=text, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode not in (0, 1) or not out.stdout:
+        raise SystemExit(f"ruff failed on {name}: {out.stderr}")
+    return out.stdout
 
 
 def main() -> int:

@@ -25,9 +25,9 @@ from ..transports._sockstream import deadline_of, remaining
 from ..transports.base import (
     DEFAULT_INBOX,
     DEFAULT_WRITE_BUFFER,
+    Failed,
     ListenerBackend,
     MessageStream,
-    Failed,
     TransportOptions,
 )
 

@@ -25,8 +25,11 @@ from collections import deque
 from typing import Any
 
 from .._errors import ChannelClosed, ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
-from ..protocol.framing import Framing, LengthPrefixed
-from ..protocol.framing import _u32_pack  # the header, inlined on the hot path
+from ..protocol.framing import (
+    Framing,
+    LengthPrefixed,
+    _u32_pack,  # the header, inlined on the hot path
+)
 from .base import Buffer, Converter, TransportOptions, convert_all
 
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
