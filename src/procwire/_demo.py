@@ -29,6 +29,8 @@ def child_main(url: str) -> int:
     import procwire
 
     ch = procwire.connect(url, timeout=CHILD_TIMEOUT, retry=True)
+    # The child speaks first: a UDP listener only learns of a peer from its first datagram.
+    ch.send({"kind": "ready"})
     count = 0
     try:
         while True:
@@ -57,6 +59,9 @@ def child_main(url: str) -> int:
 # -- parent side --------------------------------------------------------------------------------
 
 def _exercise(ch: Any, burst: int) -> dict[str, Any]:
+    ready = ch.recv(timeout=CHILD_TIMEOUT)
+    if ready != {"kind": "ready"}:
+        raise RuntimeError(f"unexpected first message {ready!r}")
     ch.send({"kind": "hello"})
     hello = ch.recv(timeout=CHILD_TIMEOUT)
     rtts = []

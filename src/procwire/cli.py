@@ -61,10 +61,11 @@ def send(url: Annotated[str, typer.Argument(help="Where to send, e.g. unix:///tm
     """Connect to URL and send one message (or each JSON line of stdin)."""
     from . import connect
 
+    obj = _parse_json(message) if message is not None else None
     try:
         with connect(url, codec=codec, timeout=timeout, retry=retry, auth=auth) as ch:
             if message is not None:
-                ch.send(_parse_json(message), timeout=timeout)
+                ch.send(obj, timeout=timeout)
             else:
                 for n, line in enumerate(sys.stdin, 1):
                     if line.strip():

@@ -1,0 +1,73 @@
+"""The command line, run as a real separate process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import procwire
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run([sys.executable, "-m", "procwire", *args], env=env,
+                          capture_output=True, text=True, timeout=60,
+                          **kwargs)  # type: ignore[call-overload]
+
+
+def test_version() -> None:
+    out = cli("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"procwire {procwire.__version__}"
+
+
+def test_send_then_recv_prints_json_lines(sock_dir: str) -> None:
+    url = f"unix://{sock_dir}/cli.sock"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    recv = subprocess.Popen([sys.executable, "-m", "procwire", "recv", url, "-n", "3",
+                             "--timeout", "30"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert cli("send", url, '{"a": 1}', "--retry", "--timeout", "20").returncode == 0
+        lines = '["x", 2]\n\n"é\\u2028"\n'
+        assert cli("send", url, "--timeout", "20", input=lines).returncode == 0
+        out, err = recv.communicate(timeout=30)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+        recv.wait(timeout=10)
+    assert recv.returncode == 0, err
+    assert [json.loads(line) for line in out.split("\n") if line] == [{"a": 1}, ["x", 2], "é\u2028"]
+    assert "listening on" in err
+
+
+def test_send_errors_are_clear(sock_dir: str) -> None:
+    out = cli("send", f"unix://{sock_dir}/nobody.sock", "1", "--timeout", "1")
+    assert out.returncode == 1
+    assert "ConnectionRefused" in out.stderr
+    bad = cli("send", f"unix://{sock_dir}/nobody.sock", "{not json")
+    assert bad.returncode != 0
+    assert "not valid JSON" in bad.stderr
+
+
+def test_recv_timeout_exits_nonzero(sock_dir: str) -> None:
+    out = cli("recv", f"unix://{sock_dir}/idle.sock", "--timeout", "0.5")
+    assert out.returncode == 1
+    assert "no message" in out.stderr
+
+
+def test_demo_runs_every_transport() -> None:
+    out = cli("demo", "--json", "--messages", "2000")
+    rows = json.loads(out.stdout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    names = {r["transport"] for r in rows}
+    assert {"unix", "tcp", "pipe", "stdio", "udp", "spool", "memory"} <= names
+    for r in rows:
+        assert r["ok"], r
+        if r["transport"] not in ("memory",):
+            assert r["child_pid"] != os.getpid()
