@@ -206,3 +206,26 @@ def test_async_api_round_trip_and_iteration(sock_dir: str) -> None:
             await s.close()
 
     asyncio.run(main())
+
+
+def test_channel_after_fork_is_refused_in_child_and_intact_in_parent() -> None:
+    a, b = procwire.pipe()
+    with a, b:
+        a.send("before")
+        pid = os.fork()
+        if pid == 0:  # child: the inherited channel must refuse, and closing it is harmless
+            code = 1
+            try:
+                try:
+                    b.recv(timeout=1)
+                except procwire.ProcwireError as exc:
+                    code = 0 if "fork" in str(exc) else 2
+                b.close()
+                a.close()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert b.recv(timeout=5) == "before"  # the parent's channel still works
+        a.send("after")
+        assert b.recv(timeout=5) == "after"

@@ -7,6 +7,7 @@ import math
 import select
 import socket
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +81,12 @@ class SocketListener:
         self._sock.close()
         if self._on_close is not None:
             self._on_close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed procwire listener {self.address}", ResourceWarning,
+                          stacklevel=1)
+            self.close()
 
 
 class AsyncSocketListener:

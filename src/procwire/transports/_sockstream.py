@@ -16,15 +16,24 @@ from __future__ import annotations
 import asyncio
 import errno
 import math
+import os
 import select
 import socket
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from typing import Any
 
-from .._errors import ChannelClosed, ConnectionClosed, FrameTooLarge, ProtocolError, Timeout
+from .._errors import (
+    ChannelClosed,
+    ConnectionClosed,
+    FrameTooLarge,
+    ProcwireError,
+    ProtocolError,
+    Timeout,
+)
 from ..protocol.framing import (
     Framing,
     LengthPrefixed,
@@ -44,6 +53,18 @@ def closed_error(exc: OSError) -> ConnectionClosed:
     err = ConnectionClosed(f"connection closed by peer ({exc.strerror or exc})", reason=reason)
     err.__cause__ = exc
     return err
+
+
+# Streams alive in this process, so that a fork() can disarm the child's copies (see _forked).
+_live: weakref.WeakSet[FramedStream] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for stream in list(_live):
+        stream._disarm_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _identity(b: Buffer) -> bytes:
@@ -157,6 +178,26 @@ class FramedStream:
         self._werror: ConnectionClosed | None = None
         self._closed = False
         self._wire_closed = False
+        self._pid = os.getpid()
+        self._forked = False
+        _live.add(self)
+
+    def _disarm_after_fork(self) -> None:
+        """In a forked child: this stream belongs to the parent. Its locks may be held by
+        parent threads that do not exist here and its flusher thread is gone, so every call
+        refuses, and close() only drops this process's file descriptor (a shutdown would cut
+        the parent's connection too)."""
+        self._forked = True
+        self._idle = False
+        self._fast_read = False
+        self._flusher = None
+        self._wlock = threading.Lock()
+        self._wcond = threading.Condition(self._wlock)
+        self._rlock = threading.Lock()
+
+    def _refuse_forked(self) -> None:
+        raise ProcwireError(f"this channel was opened in process {self._pid}, before a "
+                            "fork(); open a new channel in this process")
 
     # -- conversion -------------------------------------------------------------------------
     def set_converter(self, convert: Converter, safe: Converter | None = None) -> None:
@@ -206,7 +247,7 @@ class FramedStream:
         with self._wlock:
             if self._idle:
                 try:
-                    sent = self._wire.try_send_parts(parts)
+                    sent = self._wire.try_send_parts(parts)  # (never idle after a fork)
                 except OSError as exc:
                     raise self._fail_write(exc) from exc
                 if sent >= sum(len(p) for p in parts):
@@ -220,6 +261,8 @@ class FramedStream:
 
     def _append(self, parts: list[Buffer], timeout: float | None) -> None:
         # Lock held. Something is queued or in flight (or we are broken): keep the order.
+        if self._forked:
+            self._refuse_forked()
         if self._werror is not None or self._closed:
             self._raise_write_error()
         if len(self._wbuf) >= self._high_water:
@@ -334,6 +377,8 @@ class FramedStream:
 
     def _receive_slow(self, timeout: float | None) -> list[Any]:
         # _rlock held.
+        if self._forked:
+            self._refuse_forked()
         if self._pending:
             items = list(self._pending)
             self._pending.clear()
@@ -393,6 +438,11 @@ class FramedStream:
     # -- closing ----------------------------------------------------------------------------
     def close(self, timeout: float | None = 10.0) -> None:
         """Flush what is queued (up to ``timeout``), then close. Idempotent."""
+        if self._forked:
+            if not self._wire_closed:
+                self._wire_closed = self._closed = True
+                self._wire.close()
+            return
         with self._wcond:
             if self._wire_closed:
                 return
