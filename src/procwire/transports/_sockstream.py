@@ -219,7 +219,7 @@ class FramedStream:
         if self._lp:
             if n > self._max:
                 raise FrameTooLarge(n, self._max)
-            data = _u32_pack(n) + payload
+            data: bytes | bytearray = _u32_pack(n) + payload
         else:
             data = self._framing.frame(payload)
         with self._wlock:
