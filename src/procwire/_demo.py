@@ -157,7 +157,8 @@ def demo_stdio(folder: str, burst: int) -> dict[str, Any]:
     proc = _spawn("stdio://", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        stream = stdio.open_pipes(proc.stdout.fileno(), proc.stdin.fileno(),
+        # The stream owns (and closes) the fds it is given: hand it duplicates.
+        stream = stdio.open_pipes(os.dup(proc.stdout.fileno()), os.dup(proc.stdin.fileno()),
                                   stdio_options())
         ch = procwire.Channel(stream, procwire.get_codec("json"))
         with ch:
@@ -211,6 +212,8 @@ def run_demo(json_out: bool = False, burst: int = 20000) -> bool:
     from rich.table import Table
 
     console = Console(stderr=json_out)
+    if not console.is_terminal:
+        console = Console(stderr=json_out, width=120)  # logs and CI: do not squeeze the table
     rows = []
     console.print(f"[bold]procwire demo[/bold]: parent pid {os.getpid()}; each transport starts "
                   "a child process that connects back and echoes.\n")
