@@ -77,6 +77,11 @@ class AsyncChannel:
     def closed(self) -> bool:
         return self._closed
 
+    def stats(self) -> dict[str, Any]:
+        """The transport's counters (e.g. UDP datagrams dropped); empty if it keeps none."""
+        fn = getattr(self._stream, "stats", None)
+        return dict(fn()) if fn is not None else {}
+
     async def send(self, obj: Any, *, timeout: float | None = None) -> None:
         """Send one message. Waits only when ``write_buffer`` bytes are already queued (the peer
         is not reading); raises ``Timeout`` if that lasts longer than ``timeout``,
@@ -162,6 +167,11 @@ class AsyncListener:
         """The real bound address, e.g. ``tcp://127.0.0.1:54321`` after binding port 0."""
         return self._backend.address
 
+    def stats(self) -> dict[str, Any]:
+        """The transport's counters for this listener; empty if it keeps none."""
+        fn = getattr(self._backend, "stats", None)
+        return dict(fn()) if fn is not None else {}
+
     async def accept(self, timeout: float | None = None) -> AsyncChannel:
         """The next client's channel; raises ``Timeout`` or ``ChannelClosed``."""
         deadline = deadline_of(timeout)
@@ -215,6 +225,10 @@ def _options(max_frame_size: int, auth: str | bytes | None, insecure: bool, writ
 
 
 def _check_codec(codec: Codec, module: Any, opts: TransportOptions, addr: Address) -> None:
+    allowed = getattr(module, "CODECS", None)
+    if allowed is not None and codec.name not in allowed:
+        raise ValueError(f"{addr.scheme}:// carries only the {' or '.join(allowed)} codec, "
+                         f"not {codec.name}")
     if codec.safe or opts.auth or getattr(module, "LOCAL_ONLY", False):
         return
     if getattr(module, "peer_authenticated", lambda o: False)(opts):

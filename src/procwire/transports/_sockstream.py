@@ -24,7 +24,7 @@ import time
 import warnings
 import weakref
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 from .._errors import (
     ChannelClosed,
@@ -79,6 +79,25 @@ def remaining(deadline: float | None) -> float | None:
     if deadline is None:
         return None
     return max(0.0, deadline - time.monotonic())
+
+
+class Wire(Protocol):
+    """The raw byte I/O a ``FramedStream`` needs. ``try_send*`` never block (0 when the kernel
+    buffer is full); ``send_all`` blocks (the flusher thread's call); errors are ``OSError``."""
+
+    def try_send(self, data: Buffer) -> int: ...
+
+    def try_send_parts(self, parts: list[Buffer]) -> int: ...
+
+    def send_all(self, data: Buffer) -> None: ...
+
+    def recv_into(self, view: memoryview, timeout: float | None) -> int: ...
+
+    def drain_nowait(self) -> None: ...
+
+    def shutdown(self, how: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class SocketWire:
@@ -146,7 +165,7 @@ class FramedStream:
 
     reliable = True
 
-    def __init__(self, wire: SocketWire, opts: TransportOptions, *, local_address: str,
+    def __init__(self, wire: Wire, opts: TransportOptions, *, local_address: str,
                  remote_address: str, framing: Framing | None = None) -> None:
         self._wire = wire
         self._framing = framing = framing or LengthPrefixed(opts.max_frame_size)
@@ -162,9 +181,10 @@ class FramedStream:
         self._rlock = threading.Lock()
         self._eof: BaseException | None = None
         # Plain sockets skip the wire's method layer on the hot paths.
-        plain = type(wire) is SocketWire
-        self._sock_send = wire.sock.send if plain else None
-        self._sock_recv_into = wire.sock.recv_into if plain else None
+        sock = wire.sock if isinstance(wire, SocketWire) and type(wire) is SocketWire else None
+        plain = sock is not None
+        self._sock_send = sock.send if sock is not None else None
+        self._sock_recv_into = sock.recv_into if sock is not None else None
         # Reads without a timeout on a plain socket with our framing take the inline path.
         self._fast_read = plain and self._lp
         # Write side, guarded by _wlock. _idle caches "nothing queued, nothing in flight, no
