@@ -229,3 +229,24 @@ def test_channel_after_fork_is_refused_in_child_and_intact_in_parent() -> None:
         assert b.recv(timeout=5) == "before"  # the parent's channel still works
         a.send("after")
         assert b.recv(timeout=5) == "after"
+
+
+def test_refused_second_listener_does_not_disturb_the_first(sock_dir: str) -> None:
+    url = f"unix://{sock_dir}/busy.sock"
+    with procwire.listen(url) as srv:
+        with pytest.raises(procwire.AddressInUse):
+            procwire.listen(url)
+        with pytest.raises(procwire.Timeout):  # no phantom client was left in the queue
+            srv.accept(timeout=0.2)
+
+
+def test_close_reports_undeliverable_messages() -> None:
+    a, b = procwire.pipe(codec="raw")
+    with b:
+        for _ in range(2000):  # b never reads: most of this stays queued in user space
+            a.send(b"x" * 1024)
+        with pytest.raises(procwire.Timeout, match="not delivered"):
+            a.close(timeout=0.2)
+        assert a.closed
+        with pytest.raises(procwire.ChannelClosed):
+            a.send(b"more")

@@ -119,7 +119,11 @@ class AsyncChannel:
         await self._stream.flush(timeout)
 
     async def close(self, timeout: float | None = 10.0) -> None:
-        """Flush queued messages (up to ``timeout``), then close. Idempotent."""
+        """Flush queued messages (up to ``timeout``), then close. Idempotent.
+
+        Raises ``Timeout`` (the channel is closed all the same) when queued messages could not
+        be handed over in time because the peer stopped reading; nothing is dropped silently.
+        """
         if self._closed:
             return
         self._closed = True
@@ -139,7 +143,11 @@ class AsyncChannel:
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self.close()
+        try:
+            await self.close()
+        except Timeout:
+            if et is None:
+                raise  # otherwise the error already on its way matters more
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

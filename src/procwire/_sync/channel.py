@@ -120,7 +120,11 @@ class Channel:
         self._stream.flush(timeout)
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Flush queued messages (up to ``timeout``), then close. Idempotent."""
+        """Flush queued messages (up to ``timeout``), then close. Idempotent.
+
+        Raises ``Timeout`` (the channel is closed all the same) when queued messages could not
+        be handed over in time because the peer stopped reading; nothing is dropped silently.
+        """
         if self._closed:
             return
         self._closed = True
@@ -140,7 +144,11 @@ class Channel:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                         tb: TracebackType | None) -> None:
-        self.close()
+        try:
+            self.close()
+        except Timeout:
+            if et is None:
+                raise  # otherwise the error already on its way matters more
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -457,20 +457,28 @@ class FramedStream:
 
     # -- closing ----------------------------------------------------------------------------
     def close(self, timeout: float | None = 10.0) -> None:
-        """Flush what is queued (up to ``timeout``), then close. Idempotent."""
+        """Flush what is queued (up to ``timeout``), then close. Idempotent.
+
+        Raises ``Timeout`` (after closing) when queued messages could not be handed to the
+        kernel in time because the peer stopped reading: the caller learns of the loss.
+        """
         if self._forked:
             if not self._wire_closed:
                 self._wire_closed = self._closed = True
                 self._wire.close()
             return
+        lost: Timeout | None = None
         with self._wcond:
             if self._wire_closed:
                 return
             try:
                 if (self._wbuf or self._inflight) and self._werror is None:
                     self._wait_below(1, timeout)
-            except (Timeout, ConnectionClosed, ChannelClosed):
-                pass
+            except Timeout:
+                lost = Timeout(f"closed with at least {len(self._wbuf)} queued bytes not "
+                               f"delivered: the peer did not read them within {timeout} s")
+            except (ConnectionClosed, ChannelClosed):
+                pass  # the peer is gone: nothing could be delivered anyway
             self._closed = True
             self._idle = False
             self._wcond.notify_all()
@@ -480,6 +488,8 @@ class FramedStream:
         wire.drain_nowait()
         wire.shutdown(socket.SHUT_RDWR)  # wakes a reader or flusher blocked on the socket
         wire.close()
+        if lost is not None:
+            raise lost
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
@@ -687,23 +697,34 @@ class AsyncFramedStream:
         return items
 
     async def close(self, timeout: float | None = 10.0) -> None:
+        """Flush (up to ``timeout``), then close; raises ``Timeout`` after closing if queued
+        messages could not be delivered in time. Idempotent."""
         if self._closed:
             return
         self._closed = True
         t = self._transport
         if t is None:
             return
+        lost: Timeout | None = None
         try:
             await self.flush(timeout)
-        except (Timeout, ConnectionClosed):
+        except Timeout:
+            lost = Timeout(f"closed with {t.get_write_buffer_size()} queued bytes not "
+                           f"delivered: the peer did not read them within {timeout} s")
+        except ConnectionClosed:
             pass
         if t.can_write_eof() and not t.is_closing():
             try:
                 t.write_eof()
             except OSError:
                 pass
-        t.close()
+        if lost is not None:
+            t.abort()
+        else:
+            t.close()
         self._set_eof(ChannelClosed("channel is closed"))
+        if lost is not None:
+            raise lost
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True) and getattr(self, "_transport", None) is not None:

@@ -48,6 +48,43 @@ def _describe(peer: Any) -> str:
     return url_of(peer) if peer else "unix://(unnamed)"
 
 
+def _listening_paths() -> set[str] | None:
+    """Paths of listening UNIX sockets in this network namespace (Linux), or None elsewhere.
+
+    Reading this beats probing with connect(): a probe that reaches a live listener lands in
+    its accept queue and would be handed to it as a bogus client.
+    """
+    try:
+        with open("/proc/net/unix", "rb") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    paths = set()
+    for line in lines:
+        # Num RefCount Protocol Flags Type St Inode [Path]; Flags 00010000 = listening.
+        fields = line.split(None, 7)
+        if len(fields) == 8 and int(fields[3], 16) & 0x10000:
+            paths.add(os.fsdecode(fields[7]))
+    return paths
+
+
+def _is_live(path: str) -> bool:
+    listening = _listening_paths()
+    if listening is not None:
+        return os.path.abspath(path) in listening or path in listening
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # cannot tell: do not remove it
+    finally:
+        probe.close()
+    return True
+
+
 def _prepare_path(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -58,18 +95,9 @@ def _prepare_path(path: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise AddressInUse(f"{path} exists and is not a socket; not removing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # stale: its listener is gone
-        return
-    except OSError:
-        return
-    finally:
-        probe.close()
-    raise AddressInUse(f"something already listens on {path}")
+    if _is_live(path):
+        raise AddressInUse(f"something already listens on {path}")
+    os.unlink(path)  # stale: its listener is gone
 
 
 def _bind(addr: Address, opts: TransportOptions) -> tuple[socket.socket, str, Any]:
