@@ -393,3 +393,28 @@ def test_non_loopback_listen_needs_auth() -> None:
 def test_empty_key_refused() -> None:
     with pytest.raises(ValueError):
         procwire.listen("tcp://127.0.0.1:0", auth=b"")
+
+
+def test_unauthenticated_client_cannot_send_a_large_frame(tmp_path: Any) -> None:
+    import socket as _socket
+    import struct
+
+    url = f"unix://{tmp_path}/big.sock"
+    with procwire.listen(url, auth="k", handshake_timeout=30) as srv:
+        bad = _socket.socket(_socket.AF_UNIX)
+        bad.connect(str(tmp_path / "big.sock"))
+        try:
+            # A 1 MiB frame instead of the 32-byte answer: refused on its header alone.
+            bad.sendall(struct.pack(">I", 1 << 20) + b"x" * 4096)
+            accepted: list[Any] = []
+            t = threading.Thread(target=lambda: accepted.append(srv.accept(timeout=10)))
+            t.start()  # the bad client is dropped, then the good one is served
+            with procwire.connect(url, auth="k", timeout=10) as good:
+                t.join(10)
+                with accepted[0] as ch:
+                    good.send("hi")
+                    assert ch.recv(timeout=5) == "hi"
+                    ch.send("x" * 100_000)  # the limit is lifted after the handshake
+                    assert len(good.recv(timeout=5)) == 100_000
+        finally:
+            bad.close()

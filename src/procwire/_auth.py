@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from ._errors import ConnectionClosed, ProcwireError, Timeout
-from .protocol.handshake import NONCE_SIZE, Done, Handshake, Role
+from .protocol.handshake import MAX_FRAME, NONCE_SIZE, Done, Handshake, Role
 from .protocol.handshake import Failed as HandshakeFailed
 from .transports._sockstream import deadline_of, remaining
 from .transports.base import AsyncMessageStream, MessageStream
@@ -116,9 +116,18 @@ def client_handshake(stream: MessageStream, key: bytes, timeout: float) -> None:
 def server_handshake(stream: MessageStream, key: bytes, timeout: float) -> None:
     """Challenge a newly accepted client and prove ``key`` back to it (blocking).
 
-    Raises like ``client_handshake``; only this connection is affected.
+    Raises like ``client_handshake``; only this connection is affected. Until the client has
+    proved the key, frames over ``MAX_FRAME`` bytes are refused as soon as their header
+    arrives, so an unauthenticated peer cannot make the server read a large frame.
     """
-    _drive(stream, _new("server", key), timeout)
+    limit = getattr(stream, "limit_frames", None)
+    if limit is not None:
+        limit(MAX_FRAME)
+    try:
+        _drive(stream, _new("server", key), timeout)
+    finally:
+        if limit is not None:
+            limit(None)
 
 
 # -- asyncio (the same steps, awaited) ------------------------------------------------------
@@ -170,5 +179,16 @@ async def aclient_handshake(stream: AsyncMessageStream, key: bytes, timeout: flo
 
 
 async def aserver_handshake(stream: AsyncMessageStream, key: bytes, timeout: float) -> None:
+    limit = getattr(stream, "limit_frames", None)
+    if limit is not None:
+        limit(MAX_FRAME)
+    try:
+        await _aserver_handshake(stream, key, timeout)
+    finally:
+        if limit is not None:
+            limit(None)
+
+
+async def _aserver_handshake(stream: AsyncMessageStream, key: bytes, timeout: float) -> None:
     """The asyncio twin of ``server_handshake``."""
     await _adrive(stream, _new("server", key), timeout)

@@ -143,6 +143,11 @@ class FrameDecoder:
     def max_frame_size(self) -> int:
         return self._max
 
+    @max_frame_size.setter
+    def max_frame_size(self, value: int) -> None:
+        # Lowered while a peer is not yet authenticated (see procwire._auth).
+        self._max = value
+
     def pending(self) -> int:
         """Bytes received that do not yet form a whole frame."""
         if self._big is not None:

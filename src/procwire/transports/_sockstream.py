@@ -67,6 +67,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _set_limit(decoder: object, size: int) -> None:
+    if hasattr(decoder, "max_frame_size"):
+        decoder.max_frame_size = size
+
+
 def _identity(b: Buffer) -> bytes:
     return bytes(b)
 
@@ -230,6 +235,11 @@ class FramedStream:
 
     def unreceive(self, items: list[Any]) -> None:
         self._pending.extendleft(reversed(items))
+
+    def limit_frames(self, size: int | None) -> None:
+        """Accept frames of at most ``size`` bytes from now on (None: back to the configured
+        maximum). Used while a peer has not yet proved who it is."""
+        _set_limit(self._dec, self._max if size is None else min(size, self._max))
 
     # -- writing ----------------------------------------------------------------------------
     def send(self, payload: Buffer, timeout: float | None = None) -> None:
@@ -610,6 +620,11 @@ class AsyncFramedStream:
 
     def unreceive(self, items: list[Any]) -> None:
         self._inbox.extendleft(reversed(items))
+
+    def limit_frames(self, size: int | None) -> None:
+        """See ``FramedStream.limit_frames``."""
+        top = self._framing.max_frame_size
+        _set_limit(self._dec, top if size is None else min(size, top))
 
     def _wake(self) -> None:
         w = self._waiter
