@@ -120,6 +120,8 @@ function runParent(mode, args) {
     let pumping = false;
     let t0 = 0n;
     let deadline = 0n;
+    // Look at the clock about every 256 KiB (at most every 256 messages), as the Python side does.
+    const checkEvery = Math.max(1, Math.min(256, Math.floor((256 * 1024) / Math.max(msgBytes, 1))));
     const onSent = (err) => {
       if (err) fail(`send failed: ${err}`);
       inflight--;
@@ -132,7 +134,7 @@ function runParent(mode, args) {
     const pump = () => {
       pumping = true;
       while (sent < count && inflight < MAX_INFLIGHT && inflightBytes < MAX_INFLIGHT_BYTES) {
-        if ((sent & 63) === 0 && now() >= deadline) {
+        if (sent % checkEvery === 0 && now() >= deadline) {
           count = sent;
           break;
         }
