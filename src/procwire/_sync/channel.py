@@ -55,6 +55,11 @@ class Channel:
         self._inbox: deque[Any] = deque()
         self._closed = False
         stream.set_converter(getattr(codec, "fast_decode", codec.decode), codec.decode)
+        set_encoder = getattr(stream, "set_encoder", None)
+        if set_encoder is not None:
+            # The stream encodes, and its send becomes ours: one call less per message.
+            set_encoder(self._encode, codec.encode)
+            self.send = stream.send  # type: ignore[method-assign,assignment]
 
     @property
     def codec(self) -> str:

@@ -30,6 +30,7 @@ __all__ = [
 
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 DEFAULT_READ_BUFFER = 256 * 1024
+_KEEP_BIG = 16 * 1024 * 1024  # a large-frame buffer up to this size is kept for reuse
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -120,8 +121,8 @@ class FrameDecoder:
     stream has no trustworthy boundary left.
     """
 
-    __slots__ = ("_big", "_big_filled", "_buf", "_end", "_error", "_max", "_mv", "_size",
-                 "_start")
+    __slots__ = ("_big", "_big_filled", "_bigbuf", "_buf", "_end", "_error", "_max", "_mv",
+                 "_size", "_start")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
                  buffer_size: int = DEFAULT_READ_BUFFER) -> None:
@@ -135,8 +136,10 @@ class FrameDecoder:
         self._mv = memoryview(self._buf)
         self._start = 0
         self._end = 0
-        self._big: bytearray | None = None
+        self._big: memoryview | None = None  # the large frame being read, if any
         self._big_filled = 0
+        # Kept between large frames: fresh memory for each would cost a page fault per 4 KiB.
+        self._bigbuf: bytearray | None = None
         self._error: ProtocolError | None = None
 
     @property
@@ -164,7 +167,7 @@ class FrameDecoder:
             raise self._error
         big = self._big
         if big is not None:
-            return memoryview(big)[self._big_filled:]
+            return big[self._big_filled:]
         if start and self._size - self._end < (self._size >> 2):
             # Move the partial frame to the front so the next read has room.
             n = self._end - start
@@ -182,7 +185,7 @@ class FrameDecoder:
                 return []
             self._big = None
             self._big_filled = 0
-            return [memoryview(big)]
+            return [big]
         pos = self._start
         end = self._end = self._end + nbytes
         if end - pos >= 4:
@@ -244,9 +247,14 @@ class FrameDecoder:
                 pos = stop
                 continue
             if hdr + n > self._size:
-                # Too big for the shared buffer: give it a buffer of its own, read into directly.
+                # Too big for the shared buffer: read the rest straight into a buffer of its
+                # own (reused for the next large frame unless it is huge).
                 have = end - pos - hdr
-                big = bytearray(n)
+                bigbuf = self._bigbuf
+                if bigbuf is None or len(bigbuf) < n:
+                    bigbuf = bytearray(n)
+                self._bigbuf = bigbuf if len(bigbuf) <= _KEEP_BIG else None
+                big = memoryview(bigbuf)[:n]
                 big[:have] = mv[pos + hdr:end]
                 self._big = big
                 self._big_filled = have

@@ -19,11 +19,13 @@ import math
 import os
 import select
 import socket
+import struct
 import threading
 import time
 import warnings
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .._errors import (
@@ -44,6 +46,13 @@ from .base import Buffer, Converter, TransportOptions, convert_all
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 _DONTWAIT = _SEND_FLAGS | getattr(socket, "MSG_DONTWAIT", 0)
 _SMALL = 16 * 1024  # below this, header + payload are joined (cheaper than a gather write)
+# Sends closer together than this are a burst and are coalesced; a message sent after a pause
+# (a lone message, a request, a reply) is written at once. A loop of send() calls runs at one
+# call every 1-3 us; a request/reply exchange is at least one round trip (~15 us) apart.
+_COALESCE_GAP = 10e-6
+_FLUSH_AT = 64 * 1024  # a queued batch this large is written by the sending thread itself
+_perf = time.perf_counter
+_TIMEVAL = struct.Struct("@ll")
 _CLOSED_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ESHUTDOWN,
                   errno.ECONNABORTED}
 
@@ -116,6 +125,7 @@ class SocketWire:
         self.sock = sock
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN)
+        self._out_poller: select.poll | None = None
 
     def try_send(self, data: Buffer) -> int:
         """Write without blocking; returns the bytes written (0 when the kernel buffer is full)."""
@@ -133,6 +143,14 @@ class SocketWire:
     def send_all(self, data: Buffer) -> None:
         """Blocking write of everything (the flusher thread's call)."""
         self.sock.sendall(data, _SEND_FLAGS)
+
+    def wait_writable(self, timeout: float | None) -> bool:
+        """Block until the socket can take more bytes; False after ``timeout``."""
+        if self._out_poller is None:
+            self._out_poller = select.poll()
+            self._out_poller.register(self.sock.fileno(), select.POLLOUT)
+        ms = -1 if timeout is None else math.ceil(timeout * 1000)
+        return bool(self._out_poller.poll(ms))
 
     def recv_into(self, view: memoryview, timeout: float | None) -> int:
         if timeout is not None:
@@ -182,16 +200,20 @@ class FramedStream:
         self._dec = framing.decoder()
         self._convert: Converter = _identity
         self._safe_convert: Converter | None = None
+        self._encode: Callable[[Any], Buffer] = memoryview  # payloads as given, until set_encoder
+        self._safe_encode: Callable[[Any], Buffer] = memoryview
         self._pending: deque[Any] = deque()
         self._rlock = threading.Lock()
         self._eof: BaseException | None = None
         # Plain sockets skip the wire's method layer on the hot paths.
-        sock = wire.sock if isinstance(wire, SocketWire) and type(wire) is SocketWire else None
+        self._plain = wire if type(wire) is SocketWire else None
+        sock = self._plain.sock if self._plain is not None else None
         plain = sock is not None
         self._sock_send = sock.send if sock is not None else None
         self._sock_recv_into = sock.recv_into if sock is not None else None
-        # Reads without a timeout on a plain socket with our framing take the inline path.
+        # Reads on a plain socket with our framing take the inline path.
         self._fast_read = plain and self._lp
+        self._rcvtimeo: float | None = None  # the socket's SO_RCVTIMEO (None: none)
         # Write side, guarded by _wlock. _idle caches "nothing queued, nothing in flight, no
         # error, not closed": the one check a direct write needs.
         self._wlock = threading.Lock()
@@ -199,6 +221,10 @@ class FramedStream:
         self._wbuf = bytearray()
         self._inflight = False  # the flusher is writing a chunk outside the lock
         self._idle = True
+        self._ok = True  # no write error, not closed, not forked
+        self._soft_limit = min(_FLUSH_AT, self._high_water)
+        self._last_send = 0.0
+        self._flusher_waiting = False
         self._flusher: threading.Thread | None = None
         self._werror: ConnectionClosed | None = None
         self._closed = False
@@ -213,7 +239,7 @@ class FramedStream:
         refuses, and close() only drops this process's file descriptor (a shutdown would cut
         the parent's connection too)."""
         self._forked = True
-        self._idle = False
+        self._idle = self._ok = False
         self._fast_read = False
         self._flusher = None
         self._wlock = threading.Lock()
@@ -242,82 +268,148 @@ class FramedStream:
         _set_limit(self._dec, self._max if size is None else min(size, self._max))
 
     # -- writing ----------------------------------------------------------------------------
-    def send(self, payload: Buffer, timeout: float | None = None) -> None:
+    def set_encoder(self, encode: Callable[[Any], Buffer],
+                    safe: Callable[[Any], Buffer] | None = None) -> None:
+        """From now on ``send`` takes objects: ``encode`` turns one into its payload (the fast
+        path, often C); when it raises, ``safe`` runs to raise the codec's typed error."""
+        self._encode = encode
+        self._safe_encode = safe or encode
+
+    def send(self, obj: Any, timeout: float | None = None) -> None:
+        """Send one message: written at once when nothing is queued and it is not part of a
+        burst; otherwise queued behind the others (``write_buffer`` bounds the queue, and a
+        full queue waits up to ``timeout``)."""
+        try:
+            payload = self._encode(obj)
+        except Exception:
+            payload = self._safe_encode(obj)
         n = len(payload)
         if n > _SMALL:
-            return self._send_parts(self._framing.frame_parts(payload), timeout)
+            return self._send_large(payload, timeout)
         if self._lp:
             if n > self._max:
                 raise FrameTooLarge(n, self._max)
-            data: bytes | bytearray = _u32_pack(n) + payload
+            data: Buffer = _u32_pack(n) + payload
         else:
             data = self._framing.frame(payload)
-        with self._wlock:
-            if self._idle:
-                # Nothing queued: write now (no added latency); queue only what the kernel
-                # refused, and let the flusher thread write it when the peer reads.
-                try:
-                    if self._sock_send is not None:
-                        sent = self._sock_send(data, _DONTWAIT)
-                    else:
-                        sent = self._wire.try_send(data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    raise self._fail_write(exc) from exc
-                if sent == len(data):
+        lock = self._wlock
+        lock.acquire()
+        try:
+            if not self._idle:
+                # A burst is under way (or we are broken): queue behind it, no clock needed.
+                wbuf = self._wbuf
+                if self._ok and len(wbuf) < self._soft_limit:
+                    wbuf += data  # the common case of a burst, kept inline
                     return None
-                self._wbuf += memoryview(data)[sent:]
-                self._kick()
-                return None
-            self._append([data], timeout)
+            else:
+                now = _perf()
+                if now - self._last_send > _COALESCE_GAP:
+                    # A lone message, a request or a reply: write it now, no added latency.
+                    self._last_send = now
+                    try:
+                        if self._sock_send is not None:
+                            sent = self._sock_send(data, _DONTWAIT)
+                        else:
+                            sent = self._wire.try_send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as exc:
+                        raise self._fail_write(exc) from exc
+                    if sent == len(data):
+                        return None
+                    data = memoryview(data)[sent:]
+                else:
+                    # Right behind the previous send: a burst starts; queue it.
+                    self._last_send = now
+            self._append(data, timeout)
+        finally:
+            lock.release()
         return None
 
-    def _send_parts(self, parts: list[Buffer], timeout: float | None) -> None:
+    def _send_large(self, payload: Buffer, timeout: float | None) -> None:
+        parts = self._framing.frame_parts(payload)
         with self._wlock:
-            if self._idle:
+            # Only a plain socket: other wires (TLS) have bytes of their own in between.
+            wait = self._plain.wait_writable if self._plain is not None else None
+            if not self._idle or wait is None:
+                for p in parts:
+                    self._append(p, timeout)
+                return
+            # Nothing queued: write from this thread with gather writes, without copying the
+            # payload (a large message amortizes its syscalls; coalescing gains nothing).
+            views = [memoryview(p).cast("B") for p in parts]
+            deadline = deadline_of(timeout)
+            while views:
                 try:
-                    sent = self._wire.try_send_parts(parts)  # (never idle after a fork)
+                    sent = self._wire.try_send_parts(views)  # type: ignore[arg-type]
                 except OSError as exc:
                     raise self._fail_write(exc) from exc
-                if sent >= sum(len(p) for p in parts):
+                while sent and views:
+                    if sent >= len(views[0]):
+                        sent -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+                if views and not wait(remaining(deadline)):
+                    # The peer is slow: queue the rest (never half a frame on the wire
+                    # without the rest following) and let the flusher finish it.
+                    for v in views:
+                        self._append(v, None, force=True)
                     return
-                for p in parts:
-                    self._wbuf += p
-                del self._wbuf[:sent]
-                self._kick()
-                return
-            self._append(parts, timeout)
 
-    def _append(self, parts: list[Buffer], timeout: float | None) -> None:
-        # Lock held. Something is queued or in flight (or we are broken): keep the order.
+    def _append(self, data: Buffer, timeout: float | None, force: bool = False) -> None:
+        # Lock held. Queue behind what is already queued or in flight, keeping the order.
         if self._forked:
             self._refuse_forked()
         if self._werror is not None or self._closed:
             self._raise_write_error()
-        if len(self._wbuf) >= self._high_water:
+        wbuf = self._wbuf
+        if not force and len(wbuf) >= self._high_water:
             self._wait_below(self._high_water, timeout)
-        was_empty = not self._wbuf
-        for p in parts:
-            self._wbuf += p
-        if was_empty:
+            wbuf = self._wbuf
+        was_empty = not wbuf
+        wbuf += data
+        if len(wbuf) >= _FLUSH_AT and not self._inflight:
+            self._flush_nowait()  # a big enough batch: write it from this thread
+            if not self._wbuf:
+                return
+        if was_empty or self._idle:
             self._kick()
+
+    def _flush_nowait(self) -> None:
+        # Lock held, nothing in flight: write what the kernel takes now, keep the rest queued.
+        try:
+            if self._sock_send is not None:
+                sent = self._sock_send(self._wbuf, _DONTWAIT)
+            else:
+                sent = self._wire.try_send(self._wbuf)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail_write(exc)
+            return  # reported by the next call
+        if sent == len(self._wbuf):
+            self._wbuf = bytearray()
+            if self._werror is None and not self._closed and not self._forked:
+                self._idle = True
+        else:
+            del self._wbuf[:sent]
 
     def _fail_write(self, exc: OSError) -> ConnectionClosed:
         # Lock held.
         err = closed_error(exc)
         self._werror = err
-        self._idle = False
+        self._idle = self._ok = False
         return ConnectionClosed(str(err), reason=err.reason)
 
     def _kick(self) -> None:
-        # Lock held; the buffer just went from empty to non-empty.
+        # Lock held; something is queued: make sure the flusher will write it.
         self._idle = False
         if self._flusher is None:
             self._flusher = threading.Thread(target=self._flush_loop, name="procwire-flush",
                                              daemon=True)
             self._flusher.start()
-        else:
+        elif self._flusher_waiting:
             self._wcond.notify_all()
 
     def _wait_below(self, level: int, timeout: float | None) -> None:
@@ -328,28 +420,40 @@ class FramedStream:
             if left == 0.0:
                 raise Timeout(f"peer not reading: {len(self._wbuf)} bytes still queued "
                               f"after {timeout} s")
+            if self._wbuf and not self._inflight and self._flusher is not None \
+                    and self._flusher_waiting:
+                self._wcond.notify_all()
             self._wcond.wait(left)
         if self._werror is not None:
             self._raise_write_error()
 
     def _raise_write_error(self) -> None:
+        if self._closed:
+            raise ChannelClosed("channel is closed")  # whatever the flusher saw after that
         if self._werror is not None:
             raise ConnectionClosed(str(self._werror), reason=self._werror.reason) \
                 from self._werror
         raise ChannelClosed("channel is closed")
 
     def _flush_loop(self) -> None:
+        # The tail of a burst, and whatever the kernel refused, is written from here. This
+        # thread needs the GIL only to swap buffers; it waits for it at most Python's switch
+        # interval (5 ms) while the sending thread runs Python code, and not at all once that
+        # thread blocks (recv, sleep, I/O).
         cond = self._wcond
         while True:
             with cond:
                 while not self._wbuf:
                     self._inflight = False
                     cond.notify_all()
-                    if self._closed or self._werror is not None:
+                    if self._closed or self._werror is not None or self._forked:
                         self._flusher = None
                         return
                     self._idle = True
-                    if not cond.wait(1.0) and not self._wbuf:
+                    self._flusher_waiting = True
+                    woke = cond.wait(1.0)
+                    self._flusher_waiting = False
+                    if not woke and not self._wbuf:
                         self._flusher = None  # idle: let the thread go, a new one comes if needed
                         return
                 data = self._wbuf
@@ -359,6 +463,7 @@ class FramedStream:
                 cond.notify_all()
             try:
                 self._wire.send_all(data)
+                self._last_send = _perf()  # a send right after this continues the burst
             except OSError as exc:
                 with cond:
                     self._fail_write(exc)
@@ -376,34 +481,61 @@ class FramedStream:
             elif self._werror is not None:
                 self._raise_write_error()
 
+    def _flush_before_wait(self) -> None:
+        # About to block for input: send a queued tail now rather than wait for the flusher
+        # thread (a request followed by its reply must not wait for a thread switch).
+        if self._wlock.acquire(blocking=False):
+            try:
+                if self._wbuf and not self._inflight and self._werror is None:
+                    self._flush_nowait()
+            finally:
+                self._wlock.release()
+
     # -- reading ----------------------------------------------------------------------------
     def receive(self, timeout: float | None = None) -> list[Any]:
         """At least one message (converted), or raises ConnectionClosed / Timeout."""
+        if not self._idle:
+            self._flush_before_wait()
         with self._rlock:
-            if timeout is not None or not self._fast_read or self._pending:
+            if not self._fast_read or self._pending:
                 return self._receive_slow(timeout)
-            fill = self._dec.fill  # type: ignore[attr-defined]
-            recv_into = self._sock_recv_into
-            while True:
+            if timeout != self._rcvtimeo:
+                if timeout is not None and timeout <= 0:
+                    return self._receive_slow(timeout)
+                self._set_rcvtimeo(timeout)
+            try:
+                frames = self._dec.fill(self._sock_recv_into)  # type: ignore[attr-defined]
+            except BlockingIOError:
+                raise Timeout(f"no message within {timeout} s") from None
+            except OSError as exc:
+                raise self._read_failed(exc) from exc
+            except ProtocolError as exc:
+                self._eof = exc
+                self._fast_read = False
+                self._abort()
+                raise
+            if frames:
+                convert = self._convert
                 try:
-                    frames = fill(recv_into)
-                except OSError as exc:
-                    raise self._read_failed(exc) from exc
-                except ProtocolError as exc:
-                    self._eof = exc
-                    self._fast_read = False
-                    self._abort()
-                    raise
-                if frames:
-                    convert = self._convert
-                    try:
-                        if len(frames) == 1:
-                            return [convert(frames[0])]
-                        return [convert(f) for f in frames]
-                    except Exception:
-                        return convert_all(frames, convert, self._safe_convert)
-                if frames is None:
-                    return self._at_eof()
+                    if len(frames) == 1:
+                        return [convert(frames[0])]
+                    return [convert(f) for f in frames]
+                except Exception:
+                    return convert_all(frames, convert, self._safe_convert)
+            if frames is None:
+                return self._at_eof()
+            # Part of a frame only: wait for the rest with the exact deadline.
+            return self._receive_slow(timeout)
+
+    def _set_rcvtimeo(self, timeout: float | None) -> None:
+        # A kernel receive timeout (set once per distinct value) instead of a poll() before
+        # every read: the reply in a request/reply exchange costs one syscall, not two.
+        assert isinstance(self._wire, SocketWire)
+        t = 0.0 if timeout is None else max(timeout, 1e-6)
+        sec = int(t)
+        self._wire.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                   _TIMEVAL.pack(sec, int((t - sec) * 1e6)))
+        self._rcvtimeo = timeout
 
     def _receive_slow(self, timeout: float | None) -> list[Any]:
         # _rlock held.
@@ -415,6 +547,8 @@ class FramedStream:
             return items
         if self._eof is not None:
             raise self._eof
+        if timeout is None and self._rcvtimeo is not None:
+            self._set_rcvtimeo(None)  # a read without poll() first must not time out
         deadline = deadline_of(timeout)
         dec = self._dec
         while True:
@@ -460,7 +594,7 @@ class FramedStream:
     def _abort(self) -> None:
         with self._wcond:
             self._closed = True
-            self._idle = False
+            self._idle = self._ok = False
             self._wbuf.clear()
             self._wcond.notify_all()
         self._wire.shutdown(socket.SHUT_RDWR)
@@ -490,7 +624,7 @@ class FramedStream:
             except (ConnectionClosed, ChannelClosed):
                 pass  # the peer is gone: nothing could be delivered anyway
             self._closed = True
-            self._idle = False
+            self._idle = self._ok = False
             self._wcond.notify_all()
             self._wire_closed = True
         wire = self._wire
@@ -587,6 +721,8 @@ class AsyncFramedStream:
         self._dec = framing.decoder()
         self._convert: Converter = _identity
         self._safe_convert: Converter | None = None
+        self._encode: Callable[[Any], Buffer] = memoryview
+        self._safe_encode: Callable[[Any], Buffer] = memoryview
         self._inbox: deque[Any] = deque()
         self._inbox_bytes = 0
         self._inbox_limit = opts.inbox
@@ -642,7 +778,19 @@ class AsyncFramedStream:
             self._eof = exc
         self._wake()
 
-    async def send(self, payload: Buffer, timeout: float | None = None) -> None:
+    def set_encoder(self, encode: Callable[[Any], Buffer],
+                    safe: Callable[[Any], Buffer] | None = None) -> None:
+        """See ``FramedStream.set_encoder``."""
+        self._encode = encode
+        self._safe_encode = safe or encode
+
+    async def send(self, obj: Any, timeout: float | None = None) -> None:
+        """Send one message (see ``FramedStream.send``); awaits only when the write buffer is
+        above ``write_buffer`` bytes."""
+        try:
+            payload = self._encode(obj)
+        except Exception:
+            payload = self._safe_encode(obj)
         if self._closed:
             raise ChannelClosed("channel is closed")
         if self._lost or self._transport.is_closing():
