@@ -8,6 +8,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,3 +56,17 @@ def sock_dir() -> Iterator[str]:
     # AF_UNIX paths are limited to ~107 bytes; pytest's tmp_path can be longer.
     with tempfile.TemporaryDirectory(prefix="pw-") as d:
         yield d
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A real redis-server on a free loopback port, started for this test; ``.url``,
+    ``.stop()``, ``.start()``, ``.restart()``. Fails (never skips) when redis-server is missing."""
+    from _servers import RedisServer
+
+    server = RedisServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
