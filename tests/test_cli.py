@@ -71,3 +71,14 @@ def test_demo_runs_every_transport() -> None:
         assert r["ok"], r
         if r["transport"] not in ("memory",):
             assert r["child_pid"] != os.getpid()
+
+
+def test_bench_runs_a_small_comparison(tmp_path: Path) -> None:
+    out_file = tmp_path / "bench.json"
+    out = cli("bench", "--quick", "--only", "raw_unix", "--only", "procwire_unix",
+              "--only", "tput_64", "--json", str(out_file), "-q")
+    assert out.returncode == 0, out.stderr
+    assert "procwire UNIX" in out.stdout and "raw UNIX socket" in out.stdout
+    data = json.loads(out_file.read_text())
+    rows = data["measurements"] if isinstance(data, dict) else data
+    assert rows, data

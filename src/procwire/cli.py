@@ -145,6 +145,32 @@ def demo(json_out: Annotated[bool, typer.Option("--json", help="Print results as
         raise typer.Exit(1)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context,
+          quick: Annotated[bool, typer.Option("--quick", help="Fewer messages, 1 repetition.")]
+          = False,
+          reps: Annotated[int | None, typer.Option(help="Repetitions (default 3).")] = None,
+          json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")]
+          = None,
+          only: Annotated[list[str] | None, typer.Option(
+              "--only", help="Glob of a method or test to run (repeatable), e.g. 'procwire_*'.")]
+          = None) -> None:
+    """Measure procwire's channels against raw sockets, pipes, multiprocessing, pyzmq and Node
+    fork() IPC in one run, and print the tables and target ratios (benchmarks/README.md)."""
+    from .bench import channels
+
+    argv: list[str] = []
+    if quick:
+        argv.append("--quick")
+    if reps is not None:
+        argv += ["--reps", str(reps)]
+    if json_path:
+        argv += ["--json", json_path]
+    if only:
+        argv += ["--only", *only]
+    raise typer.Exit(channels.main(argv + list(ctx.args)))
+
+
 def main() -> None:
     app()
 
