@@ -166,15 +166,12 @@ def connect_socket(family: int, target: Any, timeout: float | None,
         if configure is not None:
             configure(sock)
         return sock
-    except (ConnectionRefusedError, FileNotFoundError) as exc:
+    except BaseException as exc:
         sock.close()
-        raise ConnectionRefused(f"nothing listens at {_fmt(target)} ({exc.strerror})") from exc
-    except TimeoutError as exc:
-        sock.close()
-        raise Timeout(f"connect to {_fmt(target)} timed out after {timeout} s") from exc
-    except BaseException:
-        sock.close()
-        raise
+        err = _connect_error(exc, target, timeout)
+        if err is exc:
+            raise
+        raise err from exc
 
 
 async def aconnect_socket(family: int, target: Any, timeout: float | None,
@@ -189,15 +186,21 @@ async def aconnect_socket(family: int, target: Any, timeout: float | None,
         if configure is not None:
             configure(sock)
         return sock
-    except (ConnectionRefusedError, FileNotFoundError) as exc:
+    except BaseException as exc:
         sock.close()
-        raise ConnectionRefused(f"nothing listens at {_fmt(target)} ({exc.strerror})") from exc
-    except TimeoutError as exc:
-        sock.close()
-        raise Timeout(f"connect to {_fmt(target)} timed out after {timeout} s") from exc
-    except BaseException:
-        sock.close()
-        raise
+        err = _connect_error(exc, target, timeout)
+        if err is exc:
+            raise
+        raise err from exc
+
+
+def _connect_error(exc: BaseException, target: Any, timeout: float | None) -> BaseException:
+    """procwire's error for a failed connect (the same exception when it is not a known one)."""
+    if isinstance(exc, ConnectionRefusedError | FileNotFoundError):
+        return ConnectionRefused(f"nothing listens at {_fmt(target)} ({exc.strerror})")
+    if isinstance(exc, TimeoutError):
+        return Timeout(f"connect to {_fmt(target)} timed out after {timeout} s")
+    return exc
 
 
 def _fmt(target: Any) -> str:

@@ -81,6 +81,7 @@ from .._errors import (
 from .._url import Address, format_inet
 from ._sockstream import deadline_of, remaining
 from .base import Buffer, Converter, TransportOptions, convert_all
+from .tcp import family_of, is_loopback
 
 __all__ = [
     "DEFAULT_MAX_PEERS",
@@ -129,19 +130,6 @@ def _again(exc: BaseException) -> BaseException:
     return exc
 
 
-def _family_of(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -164,7 +152,7 @@ class _Settings:
         unknown = set(opts.extra) - _OPTIONS
         if unknown:
             raise AddressError(f"unknown option(s) for udp://: {', '.join(sorted(unknown))}")
-        family_max = IPV6_MAX_DATAGRAM if _family_of(addr.host) == socket.AF_INET6 \
+        family_max = IPV6_MAX_DATAGRAM if family_of(addr.host) == socket.AF_INET6 \
             else IPV4_MAX_DATAGRAM
         if opts.max_frame_size < 1:
             raise AddressError(f"max_frame_size must be at least 1, not {opts.max_frame_size}")
@@ -891,7 +879,7 @@ class AsyncUdpListener:
 # ------------------------------------------------------------------------------------------
 
 def _check_exposure(addr: Address, opts: TransportOptions) -> None:
-    if not opts.insecure and not _is_loopback(addr.host):
+    if not opts.insecure and not is_loopback(addr.host):
         raise InsecureError(
             f"refusing to listen on non-loopback address {addr.host} over udp:// (no auth is "
             "possible, and source addresses are easy to forge); pass insecure=True if the "
@@ -899,7 +887,7 @@ def _check_exposure(addr: Address, opts: TransportOptions) -> None:
 
 
 def _bind(addr: Address, settings: _Settings) -> socket.socket:
-    sock = socket.socket(_family_of(addr.host), socket.SOCK_DGRAM)
+    sock = socket.socket(family_of(addr.host), socket.SOCK_DGRAM)
     try:
         # No SO_REUSEADDR: on UDP it would let a second listener share the port silently.
         sock.bind((addr.host, addr.port))
@@ -913,7 +901,7 @@ def _bind(addr: Address, settings: _Settings) -> socket.socket:
 
 
 def _connected(addr: Address, target: Any) -> socket.socket:
-    sock = socket.socket(_family_of(addr.host), socket.SOCK_DGRAM)
+    sock = socket.socket(family_of(addr.host), socket.SOCK_DGRAM)
     try:
         sock.connect(target)  # sends nothing: it fixes the peer and filters what is received
     except OSError as exc:
@@ -927,7 +915,7 @@ def _resolve_sync(addr: Address) -> Any:
     if _is_ip(addr.host):
         return (addr.host, addr.port)
     try:
-        infos = socket.getaddrinfo(addr.host, addr.port, _family_of(addr.host),
+        infos = socket.getaddrinfo(addr.host, addr.port, family_of(addr.host),
                                    socket.SOCK_DGRAM)
     except socket.gaierror as exc:
         raise AddressError(f"cannot resolve {addr.host!r}: {exc.strerror}") from exc
@@ -978,7 +966,7 @@ async def aconnect(addr: Address, opts: TransportOptions,
         try:
             async with asyncio.timeout(timeout):
                 infos = await loop.getaddrinfo(addr.host, addr.port,
-                                               family=_family_of(addr.host),
+                                               family=family_of(addr.host),
                                                type=socket.SOCK_DGRAM)
         except socket.gaierror as exc:
             raise AddressError(f"cannot resolve {addr.host!r}: {exc.strerror}") from exc
