@@ -46,9 +46,9 @@ from .base import Buffer, Converter, TransportOptions, convert_all
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 _DONTWAIT = _SEND_FLAGS | getattr(socket, "MSG_DONTWAIT", 0)
 _SMALL = 16 * 1024  # below this, header + payload are joined (cheaper than a gather write)
-# Sends closer together than this are a burst and are coalesced; a message sent after a pause
-# (a lone message, a request, a reply) is written at once. A loop of send() calls runs at one
-# call every 1-3 us; a request/reply exchange is at least one round trip (~15 us) apart.
+# Sends closer together than this, with nothing received in between, are a burst and are
+# coalesced; a message sent after a pause or after receiving something (a lone message, a
+# request, a reply) is written at once. A loop of send() calls runs at one call every 1-3 us.
 _COALESCE_GAP = 10e-6
 _FLUSH_AT = 64 * 1024  # a queued batch this large is written by the sending thread itself
 _perf = time.perf_counter
@@ -515,6 +515,9 @@ class FramedStream:
                 self._abort()
                 raise
             if frames:
+                # Something arrived: the next send answers it, so it is written at once even
+                # if it follows our previous send closely (a fast request/reply is no burst).
+                self._last_send = 0.0
                 convert = self._convert
                 try:
                     if len(frames) == 1:
@@ -568,6 +571,7 @@ class FramedStream:
                 self._abort()
                 raise
             if frames:
+                self._last_send = 0.0
                 return convert_all(frames, self._convert, self._safe_convert)
 
     def _read_failed(self, exc: OSError) -> BaseException:
