@@ -23,14 +23,17 @@ from ._errors import (
     EncodeError,
     FrameTooLarge,
     InsecureError,
+    LeaseLost,
     MessageTooLarge,
     ProcwireError,
     ProtocolError,
+    QueueError,
     Timeout,
 )
 from ._sync.channel import Channel, Listener, connect, listen, pipe
 from ._version import __version__
 from .codecs import Codec, get_codec
+from .queue import Job, Queue
 
 __all__ = [
     "AddressError",
@@ -45,10 +48,14 @@ __all__ = [
     "EncodeError",
     "FrameTooLarge",
     "InsecureError",
+    "Job",
+    "LeaseLost",
     "Listener",
     "MessageTooLarge",
     "ProcwireError",
     "ProtocolError",
+    "Queue",
+    "QueueError",
     "Timeout",
     "__version__",
     "connect",

@@ -17,6 +17,8 @@ Every error procwire raises derives from one root, named for what happened::
      |                             non-loopback TCP without auth or TLS)
      +-- MessageTooLarge           a message over a datagram transport's size limit
      +-- ChannelClosed             this side already closed the channel
+     +-- QueueError                a queue's store failed (SQLite or Redis error)
+          +-- LeaseLost            ack/nack/extend from a holder whose lease is gone
 
 Foreign exceptions (``OSError``, ``ssl.SSLError``, ``msgspec.DecodeError``) are translated at
 the boundary; the original is kept as ``__cause__``.
@@ -35,9 +37,11 @@ __all__ = [
     "EncodeError",
     "FrameTooLarge",
     "InsecureError",
+    "LeaseLost",
     "MessageTooLarge",
     "ProcwireError",
     "ProtocolError",
+    "QueueError",
     "Timeout",
 ]
 
@@ -120,3 +124,20 @@ class MessageTooLarge(ProcwireError, ValueError):
 
 class ChannelClosed(ProcwireError):
     """This side already closed the channel or listener."""
+
+
+class QueueError(ProcwireError):
+    """The queue's store failed (an SQLite or Redis error); the original is ``__cause__``."""
+
+
+class LeaseLost(QueueError):
+    """An ack, nack, extend or fail from a holder whose lease was granted to someone else
+    (or whose job was acked, failed or purged meanwhile). Nothing was changed.
+
+    ``ids`` lists the jobs concerned (one for ``Job.ack()``, possibly several for
+    ``Queue.ack_many()``).
+    """
+
+    def __init__(self, message: str, ids: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.ids = list(ids or [])

@@ -13,8 +13,23 @@
 from __future__ import annotations
 
 from ._async.channel import AsyncChannel, AsyncListener, connect, listen, pipe
+from .queue import AsyncJob, AsyncQueue
 
 Channel = AsyncChannel
 Listener = AsyncListener
+Queue = AsyncQueue
+Job = AsyncJob
 
-__all__ = ["AsyncChannel", "AsyncListener", "Channel", "Listener", "connect", "listen", "pipe"]
+__all__ = [
+    "AsyncChannel",
+    "AsyncJob",
+    "AsyncListener",
+    "AsyncQueue",
+    "Channel",
+    "Job",
+    "Listener",
+    "Queue",
+    "connect",
+    "listen",
+    "pipe",
+]

@@ -171,6 +171,15 @@ def bench(ctx: typer.Context,
     raise typer.Exit(channels.main(argv + list(ctx.args)))
 
 
+def _mount() -> None:
+    from .queue.cli import app as queue_app
+
+    app.add_typer(queue_app, name="queue")
+
+
+_mount()
+
+
 def main() -> None:
     app()
 

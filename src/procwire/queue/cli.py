@@ -1,0 +1,239 @@
+"""``procwire queue ...``: put, get, stats, dead, requeue, purge and work from the shell.
+
+Mounted by the main CLI as ``procwire queue``; every command takes ``--url`` (default: the
+SQLite file under the user's data folder, or ``$PROCWIRE_QUEUE_URL``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import threading
+import time
+from typing import Annotated, Any
+
+import typer
+
+from .._errors import ProcwireError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Durable work queues: put, get, inspect and work through jobs.")
+
+UrlOpt = Annotated[str | None, typer.Option("--url", envvar="PROCWIRE_QUEUE_URL",
+                                            help="sqlite:///path (default: the user's file).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _queue(name: str, url: str | None, **kwargs: Any) -> Any:
+    from ._queue import Queue
+
+    try:
+        return Queue(name, url, **kwargs)
+    except (ValueError, ProcwireError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def _fail(cmd: str, exc: BaseException) -> typer.Exit:
+    typer.echo(f"procwire queue {cmd}: {type(exc).__name__}: {exc}", err=True)
+    return typer.Exit(1)
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+@app.command()
+def put(name: Annotated[str, typer.Argument(help="Queue name.")],
+        data: Annotated[str | None, typer.Argument(
+            help="The job as JSON. Omit to put one job per JSON line of stdin (one batch).")]
+        = None,
+        url: UrlOpt = None,
+        delay: Annotated[float, typer.Option(help="Seconds before it can be taken.")] = 0.0,
+        priority: Annotated[int, typer.Option(help="Higher first.")] = 0,
+        key: Annotated[str | None, typer.Option(help="Dedup key.")] = None,
+        group: Annotated[str | None, typer.Option(help="FIFO group.")] = None) -> None:
+    """Add a job (or one per stdin line, atomically); prints the ids."""
+    from ._queue import Item
+
+    try:
+        if data is not None:
+            items = [json.loads(data)]
+        else:
+            items = [json.loads(line) for line in sys.stdin if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not valid JSON: {exc}") from exc
+    with _queue(name, url) as q:
+        try:
+            ids = q.put_many([Item(d, delay, priority, key, group) for d in items])
+        except (ValueError, ProcwireError) as exc:
+            raise _fail("put", exc) from exc
+    for i in ids:
+        typer.echo(i)
+
+
+@app.command()
+def get(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt = None,
+        n: Annotated[int, typer.Option("-n", help="Up to this many jobs.")] = 1,
+        timeout: Annotated[float, typer.Option(help="Seconds to wait for a job.")] = 0.0,
+        ack: Annotated[bool, typer.Option(help="Ack what was taken (--no-ack: leave it "
+                                               "leased until the lease ends).")] = True,
+        lease: Annotated[float, typer.Option(help="Lease seconds with --no-ack.")] = 30.0
+        ) -> None:
+    """Take jobs and print them as JSON lines ({"id", "data", "attempts"}); exit 1 if none."""
+    with _queue(name, url) as q:
+        try:
+            jobs = q.get_many(n, timeout=timeout, lease=lease)
+            for j in jobs:
+                typer.echo(_dump({"id": j.id, "data": j.data, "attempts": j.attempts}))
+            if ack and jobs:
+                q.ack_many(jobs)
+        except (ValueError, ProcwireError) as exc:
+            raise _fail("get", exc) from exc
+    if not jobs:
+        raise typer.Exit(1)
+
+
+@app.command()
+def stats(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt = None,
+          json_out: JsonOpt = False) -> None:
+    """Jobs by state and totals."""
+    with _queue(name, url) as q:
+        try:
+            s = q.stats()
+        except ProcwireError as exc:
+            raise _fail("stats", exc) from exc
+    fields = ["ready", "delayed", "leased", "dead", "put", "acked", "retried", "expired",
+              "failed"]
+    if json_out:
+        typer.echo(_dump({f: getattr(s, f) for f in fields}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"queue {name}")
+    for f in fields:
+        table.add_column(f, justify="right")
+    table.add_row(*(str(getattr(s, f)) for f in fields))
+    Console().print(table)
+
+
+@app.command()
+def dead(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt = None,
+         limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+         json_out: JsonOpt = False) -> None:
+    """List the dead letters with their last error."""
+    with _queue(name, url) as q:
+        try:
+            rows = q.dead_letters(limit)
+        except ProcwireError as exc:
+            raise _fail("dead", exc) from exc
+    if json_out:
+        for d in rows:
+            raw = d.raw.decode("utf-8", "replace") if isinstance(d.raw, bytes) else str(d.raw)
+            typer.echo(_dump({"id": d.id, "data": d.data if d.data is not None else raw,
+                              "attempts": d.attempts, "error": d.error}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dead letters of {name}")
+    for col in ("id", "attempts", "error", "data"):
+        table.add_column(col)
+    for d in rows:
+        table.add_row(str(d.id), str(d.attempts), d.error or "", _dump(d.data)[:80])
+    Console().print(table)
+
+
+@app.command()
+def requeue(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt = None,
+            ids: Annotated[list[int] | None, typer.Option("--id", help="Only these ids.")]
+            = None) -> None:
+    """Put dead letters back as ready jobs; prints how many."""
+    with _queue(name, url) as q:
+        try:
+            typer.echo(q.requeue_dead(ids or None))
+        except ProcwireError as exc:
+            raise _fail("requeue", exc) from exc
+
+
+@app.command()
+def purge(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt = None,
+          dead_only: Annotated[bool, typer.Option("--dead-only",
+                                                  help="Only the dead letters.")] = False,
+          yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False
+          ) -> None:
+    """Delete every job of the queue (or only its dead letters); prints how many."""
+    what = "the dead letters" if dead_only else "EVERY job"
+    if not yes and not typer.confirm(f"Delete {what} of queue {name!r}?"):
+        raise typer.Exit(1)
+    with _queue(name, url) as q:
+        try:
+            typer.echo(q.purge(dead_only))
+        except ProcwireError as exc:
+            raise _fail("purge", exc) from exc
+
+
+def _load(target: str) -> Any:
+    mod_name, _, attr = target.partition(":")
+    if not mod_name or not attr:
+        raise typer.BadParameter(f"{target!r}: expected pkg.module:function")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise typer.BadParameter(f"{target!r}: {exc}") from exc
+    if not callable(obj):
+        raise typer.BadParameter(f"{target!r} is not callable")
+    return obj
+
+
+@app.command()
+def work(name: Annotated[str, typer.Argument(help="Queue name.")],
+         target: Annotated[str, typer.Argument(help="pkg.module:function, called with each "
+                                                    "job's data.")],
+         url: UrlOpt = None,
+         concurrency: Annotated[int, typer.Option("-c", "--concurrency",
+                                                  help="Worker threads.")] = 1,
+         lease: Annotated[float, typer.Option(help="Lease seconds (renewed while running).")]
+         = 30.0,
+         max_jobs: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
+         idle_timeout: Annotated[float | None, typer.Option(
+             help="Stop after this many seconds without a job.")] = None,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")]
+         = False) -> None:
+    """Run a function on every job: ack on return, retry with backoff on exception."""
+    if concurrency < 1:
+        raise typer.BadParameter("-c must be >= 1")
+    sys.path.insert(0, "")
+    fn = _load(target)
+    start = time.monotonic()
+    last = [0.0]
+    lock = threading.Lock()
+    err = sys.stderr
+
+    def progress(r: Any) -> None:
+        now = time.monotonic()
+        with lock:
+            if now - last[0] < 0.25:
+                return
+            last[0] = now
+        rate = r.acked / max(now - start, 1e-9)
+        err.write(f"\r{name}: {r.acked} done, {r.failed} failed, {r.lost} lost"
+                  f" ({rate:,.0f}/s)   ")
+        err.flush()
+
+    with _queue(name, url, lease=lease) as q:
+        try:
+            result = q.process(fn, concurrency=concurrency, max_jobs=max_jobs,
+                               idle_timeout=idle_timeout,
+                               on_done=None if quiet else progress)
+        except KeyboardInterrupt:
+            typer.echo("\ninterrupted", err=True)
+            raise typer.Exit(130) from None
+        except ProcwireError as exc:
+            raise _fail("work", exc) from exc
+    if not quiet:
+        err.write("\n")
+    typer.echo(_dump({"acked": result.acked, "failed": result.failed, "lost": result.lost}))

@@ -1,0 +1,178 @@
+"""What only the SQLite backend has: its URL, default file, lock timeouts, corrupt rows,
+wake-ups from other processes, forks."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sqlite3
+import warnings
+from pathlib import Path
+
+import pytest
+
+import procwire
+from procwire.queue import Queue
+from procwire.queue._sqlite import SqliteBackend, default_path, parse_url
+
+
+def test_url_forms(tmp_path: Path) -> None:
+    assert parse_url("sqlite:///var/lib/q.db") == ("/var/lib/q.db", {})
+    assert parse_url(f"sqlite:///{tmp_path}/q.db")[0] == f"{tmp_path}/q.db"
+    assert parse_url("sqlite://rel/q.db")[0] == "rel/q.db"
+    assert parse_url("sqlite:///q.db?synchronous=normal")[1] == {"synchronous": "normal"}
+    for bad in ("sqlite://", "sqlite:///q.db?sync=1", "sqlite:///q.db?synchronous=off"):
+        with pytest.raises(procwire.AddressError):
+            parse_url(bad)
+    with pytest.raises(procwire.AddressError):
+        Queue("x", "postgres://h/db").stats()
+
+
+def test_default_file_under_xdg_data_home(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_path() == f"{tmp_path}/procwire/queues.db"
+    with Queue("default") as q:
+        q.put(1)
+    assert (tmp_path / "procwire" / "queues.db").exists()
+    assert (tmp_path / "procwire").stat().st_mode & 0o777 == 0o700
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert default_path().endswith("/.local/share/procwire/queues.db")
+
+
+def test_wal_and_synchronous(tmp_path: Path) -> None:
+    with Queue("x", f"sqlite:///{tmp_path}/q.db?synchronous=normal") as q:
+        q.put(1)
+        backend = q.backend
+        assert isinstance(backend, SqliteBackend)
+        conn = backend._conn(5)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    with Queue("x", f"sqlite:///{tmp_path}/q.db") as q:
+        q.stats()
+        assert q.backend._conn(5).execute(  # type: ignore[attr-defined]
+            "PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_locked_store_raises_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    with Queue("x", f"sqlite:///{path}") as q:
+        q.put("before")
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(procwire.Timeout):
+                q.put("blocked", timeout=0.2)
+            assert q.get(timeout=0.2) is None  # a get with a deadline just finds nothing
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        job = q.get(timeout=1)
+        assert job is not None and job.data == "before"
+        job.ack()
+
+
+def test_corrupt_row_goes_to_dead_letters(tmp_path: Path) -> None:
+    with Queue("x", f"sqlite:///{tmp_path}/q.db") as q:
+        bad = q.put({"ok": False})
+        q.put({"ok": True})
+        q.backend.execute(  # type: ignore[attr-defined]
+            "UPDATE procwire_jobs SET data = x'ff00fe' WHERE id = ?", (bad,))
+        job = q.get(timeout=1)  # the consumer carries on with the next job
+        assert job is not None and job.data == {"ok": True}
+        job.ack()
+        [dead] = q.dead_letters()
+        assert dead.id == bad and dead.data is None and dead.raw == b"\xff\x00\xfe"
+        assert (dead.error or "").startswith("corrupt payload: DecodeError")
+        q.backend.execute(  # type: ignore[attr-defined]
+            "UPDATE procwire_jobs SET data = 42, state = 0 WHERE id = ?", (bad,))
+        assert q.get(timeout=0) is None
+        assert "stored payload is int" in (q.dead_letters()[0].error or "")
+
+
+def test_wakeup_from_another_process(children, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/q.db"
+    with Queue("x", url) as q:
+        backend = q.backend
+        gen = backend.wake_generation()  # binds this process's socket
+        p = children.python("import sys\nfrom procwire.queue import Queue\n"
+                            "Queue('x', sys.argv[1]).put('hi')", url)
+        assert p.wait(20) == 0
+        backend.wait(gen, 10)
+        # A datagram arrived (not the 1 s safety poll): the generation moved.
+        assert backend.wake_generation() > gen
+        job = q.get(timeout=0)
+        assert job is not None and job.data == "hi"
+        job.ack()
+        other = Queue("other-queue", url)
+        gen = backend.wake_generation()
+        other.put("not for x")  # another queue's put does not wake this one
+        other.close()
+        backend.wait(gen, 0.2)
+        assert backend.wake_generation() == gen
+
+
+def test_long_path_wakeups(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    url = f"sqlite:///{deep}/q.db"
+    with Queue("x", url) as q, Queue("x", url) as producer:
+        gen = q.backend.wake_generation()
+        producer.put(1)
+        q.backend.wait(gen, 10)
+        assert q.backend.wake_generation() > gen
+
+
+def test_fork_child_uses_own_connection(tmp_path: Path) -> None:
+    with Queue("x", f"sqlite:///{tmp_path}/q.db") as q:
+        q.put("parent")
+        q.backend.wake_generation()  # a waker thread and socket exist before the fork
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                job = q.get(timeout=5)
+                if job is not None and job.data == "parent":
+                    job.ack()
+                    q.put("child")
+                    code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        job = q.get(timeout=5)  # the parent's connection still works
+        assert job is not None and job.data == "child"
+        job.ack()
+
+
+def test_unclosed_queue_warns(tmp_path: Path) -> None:
+    q = Queue("x", f"sqlite:///{tmp_path}/q.db")
+    q.put(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del q
+        gc.collect()
+    assert any(issubclass(w.category, ResourceWarning) for w in caught)
+
+
+def test_many_processes_share_one_file(children, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/q.db"
+    code = ("import sys\nfrom procwire.queue import Queue\n"
+            "q = Queue('x', sys.argv[1])\n"
+            "for i in range(50): q.put({'p': sys.argv[2], 'i': i})\n")
+    procs = [children.python(code, url, str(k)) for k in range(4)]
+    with Queue("x", url) as q:
+        seen = []
+        for _ in range(200):
+            job = q.get(timeout=20)
+            assert job is not None
+            seen.append((job.data["p"], job.data["i"]))
+            job.ack()
+        for p in procs:
+            assert p.wait(20) == 0
+    assert len(set(seen)) == 200
+    for k in range(4):  # each producer's jobs come out in its order
+        mine = [i for p, i in seen if p == str(k)]
+        assert mine == sorted(mine)
+
+
