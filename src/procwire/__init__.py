@@ -25,13 +25,16 @@ from ._errors import (
     InsecureError,
     LeaseLost,
     MessageTooLarge,
+    NoResponder,
     ProcwireError,
     ProtocolError,
     QueueError,
+    RemoteError,
     Timeout,
 )
 from ._sync.channel import Channel, Listener, connect, listen, pipe
 from ._version import __version__
+from .bus import Bus
 from .codecs import Codec, get_codec
 from .queue import Job, Queue
 
@@ -39,6 +42,7 @@ __all__ = [
     "AddressError",
     "AddressInUse",
     "AuthenticationError",
+    "Bus",
     "Channel",
     "ChannelClosed",
     "Codec",
@@ -52,10 +56,12 @@ __all__ = [
     "LeaseLost",
     "Listener",
     "MessageTooLarge",
+    "NoResponder",
     "ProcwireError",
     "ProtocolError",
     "Queue",
     "QueueError",
+    "RemoteError",
     "Timeout",
     "__version__",
     "connect",

@@ -17,6 +17,8 @@ Every error procwire raises derives from one root, named for what happened::
      |                             non-loopback TCP without auth or TLS)
      +-- MessageTooLarge           a message over a datagram transport's size limit
      +-- ChannelClosed             this side already closed the channel
+     +-- NoResponder               bus.request(): nobody handles that name
+     +-- RemoteError               bus.request(): the remote handler raised (.type, .message)
      +-- QueueError                a queue's store failed (SQLite or Redis error)
           +-- LeaseLost            ack/nack/extend from a holder whose lease is gone
 
@@ -39,9 +41,11 @@ __all__ = [
     "InsecureError",
     "LeaseLost",
     "MessageTooLarge",
+    "NoResponder",
     "ProcwireError",
     "ProtocolError",
     "QueueError",
+    "RemoteError",
     "Timeout",
 ]
 
@@ -141,3 +145,25 @@ class LeaseLost(QueueError):
     def __init__(self, message: str, ids: list[int] | None = None) -> None:
         super().__init__(message)
         self.ids = list(ids or [])
+
+
+class NoResponder(ProcwireError):
+    """``request()`` found no bus that handles this name (nothing will answer, so no waiting)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no responder handles {name!r}")
+        self.name = name
+
+
+class RemoteError(ProcwireError):
+    """The remote handler raised. ``type`` is its exception's class name, ``message`` its text.
+
+    >>> str(RemoteError("add", "ValueError", "x must be positive"))
+    "handler for 'add' raised ValueError: x must be positive"
+    """
+
+    def __init__(self, name: str, type: str, message: str) -> None:
+        super().__init__(f"handler for {name!r} raised {type}: {message}")
+        self.name = name
+        self.type = type
+        self.message = message

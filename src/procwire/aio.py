@@ -13,18 +13,22 @@
 from __future__ import annotations
 
 from ._async.channel import AsyncChannel, AsyncListener, connect, listen, pipe
+from .bus import AsyncBus
 from .queue import AsyncJob, AsyncQueue
 
 Channel = AsyncChannel
 Listener = AsyncListener
 Queue = AsyncQueue
 Job = AsyncJob
+Bus = AsyncBus
 
 __all__ = [
+    "AsyncBus",
     "AsyncChannel",
     "AsyncJob",
     "AsyncListener",
     "AsyncQueue",
+    "Bus",
     "Channel",
     "Job",
     "Listener",

@@ -172,9 +172,12 @@ def bench(ctx: typer.Context,
 
 
 def _mount() -> None:
+    from .bus import cli as bus_cli
     from .queue.cli import app as queue_app
 
     app.add_typer(queue_app, name="queue")
+    for command in (bus_cli.emit, bus_cli.listen, bus_cli.request):
+        app.command()(command)
 
 
 _mount()

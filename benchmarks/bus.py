@@ -1,0 +1,368 @@
+"""Event bus benchmark: 1 publisher to 1, 4 and 16 subscriber processes on one Redis channel.
+
+Methods (``--only`` names):
+  raw_redis        redis-py used directly: a pipelining publisher (100 PUBLISH per round trip),
+                   subscribers on ``PubSub.listen()`` decoding with ``json.loads``
+  procwire_many    procwire ``Bus("redis://...")``: ``emit_many`` of 100 events per call,
+                   subscribers iterating ``bus.subscribe("*")``
+  procwire_emit    procwire, one ``emit()`` per event (one round trip each)
+  node_ioredis     Node ioredis: publisher issuing PUBLISH without awaiting (ioredis pipelines
+                   them by itself), subscribers with JSON.parse
+
+Tests: ``tput`` (events/s: N events or 1 s of publishing, then an end marker; elapsed = the
+last subscriber's monotonic clock at the end marker minus the publisher's before its first
+send; every subscriber must count all N) and ``lat`` (one-way latency: 1000 events paced 1 ms
+apart, each carrying the publisher's CLOCK_MONOTONIC; p50/p99 over every subscriber's samples).
+
+    .venv/bin/python benchmarks/bus.py                # 3 interleaved repetitions (~4 min)
+    .venv/bin/python benchmarks/bus.py --quick        # 1 repetition, smaller N (~1 min)
+    .venv/bin/python benchmarks/bus.py --only raw_redis procwire_many --subs 1 4
+
+Every child process is killed and reaped at the end of its measurement, also on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_MODULES = ROOT / "tests" / "node" / "node_modules"
+
+PY_SUB = r"""
+import json, sys, time
+url, channel, method = sys.argv[1:4]
+lats = []
+n = 0
+if method == "raw_redis":
+    import redis
+    r = redis.Redis.from_url(url)
+    ps = r.pubsub(ignore_subscribe_messages=True)
+    ps.subscribe(channel)
+    while ps.get_message(timeout=5) is None and not ps.subscribed:
+        pass
+    print("ready", flush=True)
+    for m in ps.listen():
+        env = json.loads(m["data"])
+        if env["event"] == "end":
+            break
+        n += 1
+        t = env["data"].get("t")
+        if t is not None:
+            lats.append(time.monotonic_ns() - t)
+else:
+    sys.path.insert(0, sys.argv[4])
+    from procwire.bus import Bus
+    bus = Bus(url, channel=channel, maxsize=1_000_000)
+    sub = bus.subscribe("*", timeout=60)
+    print("ready", flush=True)
+    for ev in sub:
+        if ev.name == "end":
+            break
+        n += 1
+        t = ev.data.get("t")
+        if t is not None:
+            lats.append(time.monotonic_ns() - t)
+print(json.dumps({"n": n, "t_end": time.monotonic_ns(), "lats": lats}), flush=True)
+"""
+
+PY_PUB = r"""
+import json, sys, time
+url, channel, method, mode, n_max = sys.argv[1:6]
+n_max = int(n_max)
+sys.path.insert(0, sys.argv[6])
+data = {"id": 123, "name": "doSomething"}
+sent = 0
+if method == "raw_redis":
+    import redis
+    r = redis.Redis.from_url(url)
+    def emit(name, d):
+        r.publish(channel, json.dumps({"event": name, "data": d}))
+    def emit_batch(k):
+        p = r.pipeline(transaction=False)
+        for _ in range(k):
+            p.publish(channel, json.dumps({"event": "tick", "data": data}))
+        p.execute()
+else:
+    from procwire.bus import Bus
+    bus = Bus(url, channel=channel)
+    emit = bus.emit
+    if method == "procwire_many":
+        def emit_batch(k):
+            bus.emit_many([("tick", data)] * k)
+    else:
+        def emit_batch(k):
+            for _ in range(k):
+                bus.emit("tick", data)
+t0 = time.monotonic_ns()
+if mode == "tput":
+    stop = time.monotonic() + 1.0
+    while sent < n_max and time.monotonic() < stop:
+        emit_batch(100)
+        sent += 100
+else:
+    for i in range(n_max):
+        emit("tick", {"t": time.monotonic_ns()})
+        sent += 1
+        time.sleep(0.001)
+emit("end", {})
+print(json.dumps({"sent": sent, "t0": t0}), flush=True)
+"""
+
+NODE_SUB = r"""
+const { Redis } = require("ioredis");
+const [url, channel] = process.argv.slice(1);
+const sub = new Redis(url);
+let n = 0; const lats = [];
+const now = () => Number(process.hrtime.bigint());
+sub.on("message", (ch, text) => {
+  const env = JSON.parse(text);
+  if (env.event === "end") {
+    process.stdout.write(JSON.stringify({ n, t_end: now(), lats }) + "\n", () => process.exit(0));
+    return;
+  }
+  n++;
+  if (env.data.t !== undefined) lats.push(now() - env.data.t);
+});
+sub.subscribe(channel).then(() => process.stdout.write("ready\n"));
+"""
+
+NODE_PUB = r"""
+const { Redis } = require("ioredis");
+const [url, channel, mode, nMaxS] = process.argv.slice(1);
+const nMax = Number(nMaxS);
+const pub = new Redis(url);
+const data = { id: 123, name: "doSomething" };
+const now = () => Number(process.hrtime.bigint());
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+(async () => {
+  await pub.ping();
+  const t0 = now();
+  let sent = 0;
+  if (mode === "tput") {
+    const stop = Date.now() + 1000;
+    while (sent < nMax && Date.now() < stop) {
+      let last;
+      const msg = () => JSON.stringify({ event: "tick", data });
+      for (let i = 0; i < 100; i++) last = pub.publish(channel, msg());
+      await last;
+      sent += 100;
+    }
+  } else {
+    for (let i = 0; i < nMax; i++) {
+      await pub.publish(channel, JSON.stringify({ event: "tick", data: { t: now() } }));
+      sent++;
+      await sleep(1);
+    }
+  }
+  await pub.publish(channel, JSON.stringify({ event: "end", data: {} }));
+  process.stdout.write(JSON.stringify({ sent, t0 }) + "\n", () => process.exit(0));
+})();
+"""
+# process.hrtime is CLOCK_MONOTONIC on Linux, like Python's time.monotonic_ns(), so one-way
+# latencies can be computed across Python and Node processes on one machine.
+
+METHODS = ["raw_redis", "procwire_many", "procwire_emit", "node_ioredis"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Redis:
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            sys.exit("redis-server not found: sudo apt-get install redis-server")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="pw-bench-redis-")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--client-output-buffer-limit",
+             "pubsub 0 0 0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.close()
+                    sys.exit("redis-server did not start")
+                time.sleep(0.05)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def spawn(method: str, role: str, args: list[str]) -> subprocess.Popen[str]:
+    if method == "node_ioredis":
+        env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
+        code = NODE_SUB if role == "sub" else NODE_PUB
+        return subprocess.Popen(["node", "-e", code, *args], stdout=subprocess.PIPE, text=True,
+                                env=env)
+    code = PY_SUB if role == "sub" else PY_PUB
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            text=True)
+
+
+def readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    import selectors
+
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise TimeoutError("child did not answer in time")
+    return proc.stdout.readline()
+
+
+def measure(redis_url: str, method: str, subs: int, mode: str, quick: bool,
+            run: int) -> dict[str, Any]:
+    channel = f"bench{run}"
+    src = str(ROOT / "src")
+    n_max = (100_000 if quick else 300_000) if mode == "tput" else (300 if quick else 1000)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(subs):
+            args = [redis_url, channel, method, src]
+            procs.append(spawn(method, "sub", args if method != "node_ioredis"
+                               else [redis_url, channel]))
+        for p in procs:
+            if readline(p, 30).strip() != "ready":
+                raise RuntimeError("a subscriber failed to start")
+        pub_args = [redis_url, channel, method, mode, str(n_max), src]
+        pub = spawn(method, "pub", pub_args if method != "node_ioredis"
+                    else [redis_url, channel, mode, str(n_max)])
+        procs.append(pub)
+        pub_result = json.loads(readline(pub, 60))
+        results = [json.loads(readline(p, 60)) for p in procs[:-1]]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+            if p.stdout is not None:
+                p.stdout.close()
+    sent = pub_result["sent"]
+    lost = sum(sent - r["n"] for r in results)
+    out: dict[str, Any] = {"method": method, "subs": subs, "mode": mode, "sent": sent,
+                           "lost": lost}
+    if mode == "tput":
+        elapsed = (max(r["t_end"] for r in results) - pub_result["t0"]) / 1e9
+        out["events_per_s"] = sent / elapsed
+        out["deliveries_per_s"] = sent * subs / elapsed
+    else:
+        lats = sorted(x / 1000 for r in results for x in r["lats"])
+        out["p50_us"] = lats[len(lats) // 2]
+        out["p99_us"] = lats[min(len(lats) - 1, int(len(lats) * 0.99))]
+    return out
+
+
+def fmt(x: float) -> str:
+    return f"{x / 1000:.0f}k" if x >= 10_000 else f"{x:.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--only", nargs="*", default=None, help="method names")
+    ap.add_argument("--subs", nargs="*", type=int, default=[1, 4, 16])
+    ap.add_argument("--json", default=str(ROOT / "benchmarks/results/tmp/bus.json"))
+    args = ap.parse_args()
+    reps = args.reps or (1 if args.quick else 3)
+    methods = [m for m in METHODS if not args.only or m in args.only]
+    if "node_ioredis" in methods and not (NODE_MODULES / "ioredis").is_dir():
+        print("node_ioredis skipped: run `npm install --prefix tests/node`", file=sys.stderr)
+        methods.remove("node_ioredis")
+    server = Redis()
+    rows: list[dict[str, Any]] = []
+    failed = False
+    run = 0
+    try:
+        for rep in range(reps):
+            for subs in args.subs:
+                for mode in ("tput", "lat"):
+                    order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+                    for method in order:
+                        run += 1
+                        print(f"rep {rep + 1}/{reps} {mode} subs={subs} {method}",
+                              file=sys.stderr, flush=True)
+                        try:
+                            r = measure(server.url, method, subs, mode, args.quick, run)
+                        except Exception as exc:
+                            failed = True
+                            r = {"method": method, "subs": subs, "mode": mode,
+                                 "error": repr(exc)}
+                            print(f"  failed: {exc!r}", file=sys.stderr)
+                        r["rep"] = rep
+                        rows.append(r)
+    finally:
+        server.close()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+
+    def med(method: str, subs: int, key: str) -> float | None:
+        vals = [r[key] for r in rows if r["method"] == method and r["subs"] == subs
+                and key in r]
+        return statistics.median(vals) if vals else None
+
+    print(f"\nmedians of {reps} repetition(s); events/s = events the publisher sent per "
+          "second, each delivered to every subscriber\n")
+    head = "| method | " + " | ".join(
+        f"{s} sub events/s | p50 µs | p99 µs" for s in args.subs) + " |"
+    print(head)
+    print("|---|" + "---:|" * (3 * len(args.subs)))
+    for m in methods:
+        cells = []
+        for s in args.subs:
+            for key in ("events_per_s", "p50_us", "p99_us"):
+                v = med(m, s, key)
+                cells.append("-" if v is None else (fmt(v) if key == "events_per_s"
+                                                    else f"{v:.0f}"))
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    if "raw_redis" in methods:
+        print("\nratios to raw_redis events/s (median of per-repetition ratios)\n")
+        for m in methods:
+            if m == "raw_redis":
+                continue
+            parts = []
+            for s in args.subs:
+                ratios = []
+                for rep in range(reps):
+                    a = [r.get("events_per_s") for r in rows if r["method"] == m
+                         and r["subs"] == s and r["rep"] == rep and r["mode"] == "tput"]
+                    b = [r.get("events_per_s") for r in rows if r["method"] == "raw_redis"
+                         and r["subs"] == s and r["rep"] == rep and r["mode"] == "tput"]
+                    if a and b and a[0] and b[0]:
+                        ratios.append(a[0] / b[0])
+                parts.append(f"{s} sub: {statistics.median(ratios):.2f}x" if ratios else "-")
+            print(f"- {m}: " + ", ".join(parts))
+    losses = [r for r in rows if r.get("lost")]
+    for r in losses:
+        print(f"- LOST {r['lost']} events: {r['method']} subs={r['subs']} {r['mode']}")
+    errors = [r for r in rows if "error" in r]
+    for r in errors:
+        print(f"- ERROR {r['method']} subs={r['subs']} {r['mode']}: {r['error']}")
+    sys.exit(1 if failed or losses else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The interface between the Bus and a backend (memory, local broker, Redis), and the registry
+that picks one by URL scheme.
+
+A backend moves three kinds of messages: events (fan-out to every bus on the same bus name or
+channel), requests (to the buses that handle a name) and replies (to one bus). It calls a
+``Sink`` from its own thread when something arrives; the sink never runs user code there (it
+only files items into bounded buffers), so a backend can rely on the sink returning quickly,
+except under the ``block`` policy, whose very point is to hold the backend's delivery.
+"""
+
+from __future__ import annotations
+
+import importlib
+import urllib.parse
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .._errors import AddressError
+
+__all__ = ["Backend", "Sink", "backend_for"]
+
+# scheme -> "module:Class" under procwire.bus; one line per backend.
+_BACKENDS: dict[str, str] = {
+    "memory": "_memory:MemoryBackend",
+    "redis": "_redis:RedisBackend",
+    "rediss": "_redis:RedisBackend",
+}
+
+
+class Sink(Protocol):
+    """What a backend calls (from any thread) when a message arrives."""
+
+    def on_event(self, name: str, data: Any) -> None: ...
+
+    def on_request(self, name: str, request: dict[str, Any]) -> None:
+        """``request`` has ``id`` (str), ``reply_to`` (str) and ``data``."""
+
+    def on_reply(self, reply: dict[str, Any]) -> None:
+        """``reply`` has ``id`` and either ``data`` or ``error`` ({type, message})."""
+
+    def on_notice(self, name: str, info: dict[str, Any]) -> None:
+        """A ``procwire.*`` notice: a gap after a reconnect, a bad message that was skipped."""
+
+
+class Backend(ABC):
+    """One bus's connection to the medium. Every blocking method takes ``timeout``."""
+
+    url: str
+    #: where replies to this bus's requests go (backend-specific address)
+    reply_to: str
+
+    @abstractmethod
+    def start(self, sink: Sink, timeout: float | None) -> None:
+        """Connect and begin delivering to ``sink``; events emitted after this returns arrive."""
+
+    @abstractmethod
+    def publish(self, name: str, data: Any, timeout: float | None) -> int:
+        """Send one event; how many buses received it (-1: unknown)."""
+
+    def publish_many(self, events: list[tuple[str, Any]], timeout: float | None) -> None:
+        """Send several events in order; backends that can pipeline them override this."""
+        for name, data in events:
+            self.publish(name, data, timeout)
+
+    @abstractmethod
+    def request(self, name: str, request: dict[str, Any], timeout: float | None) -> int:
+        """Send a request to the buses that handle ``name``; how many got it (0: none)."""
+
+    @abstractmethod
+    def reply(self, reply_to: str, reply: dict[str, Any], timeout: float | None) -> None:
+        """Send a reply to one bus."""
+
+    @abstractmethod
+    def add_responder(self, name: str, timeout: float | None) -> None:
+        """From now on, requests for ``name`` reach this bus (confirmed before returning)."""
+
+    @abstractmethod
+    def remove_responder(self, name: str, timeout: float | None) -> None: ...
+
+    def add_pattern(self, pattern: str, timeout: float | None) -> None:  # noqa: B027
+        """A routing hint for backends that filter centrally (the broker); default: none."""
+
+    def remove_pattern(self, pattern: str, timeout: float | None) -> None:  # noqa: B027
+        """Undo ``add_pattern``."""
+
+    def stats(self) -> dict[str, Any]:
+        """Backend counters (reconnects, bad messages...)."""
+        return {}
+
+    @abstractmethod
+    def close(self, timeout: float | None) -> None:
+        """Stop delivering and release connections and threads; idempotent."""
+
+
+def backend_for(url: str, **options: Any) -> Backend:
+    """The backend for ``url`` (``memory://name``, ``redis://host:port/db``...)."""
+    if not isinstance(url, str):
+        raise AddressError(f"a bus URL is a string, not {type(url).__name__}")
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        target = _BACKENDS[scheme]
+    except KeyError:
+        known = ", ".join(sorted(_BACKENDS))
+        raise AddressError(f"{url!r}: no bus backend for scheme {scheme!r} "
+                           f"(known: {known})") from None
+    module_name, _, cls_name = target.partition(":")
+    module = importlib.import_module(f"procwire.bus.{module_name}")
+    cls: Callable[..., Backend] = getattr(module, cls_name)
+    return cls(url, **options)
