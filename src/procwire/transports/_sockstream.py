@@ -713,8 +713,10 @@ class _FramedProtocol(asyncio.BufferedProtocol):
 class AsyncFramedStream:
     """asyncio message stream over a stream transport (UNIX, TCP, TLS).
 
-    asyncio's transport already writes immediately when its buffer is empty and coalesces when
-    it is not; ``write_buffer`` is its high-water mark, past which ``send`` awaits drain.
+    A lone message is written at once; sends in quick succession (a burst) are collected and
+    written in one go when the sending task next yields to the event loop. asyncio's transport
+    buffers what the kernel refuses; ``write_buffer`` is its high-water mark, past which
+    ``send`` awaits drain.
     Received messages wait in an inbox bounded by ``inbox`` bytes, past which reading pauses.
     """
 
@@ -727,6 +729,8 @@ class AsyncFramedStream:
         self._safe_convert: Converter | None = None
         self._encode: Callable[[Any], Buffer] = memoryview
         self._safe_encode: Callable[[Any], Buffer] = memoryview
+        self._out: bytearray | None = None  # a burst being collected (see send)
+        self._last_send = 0.0
         self._inbox: deque[Any] = deque()
         self._inbox_bytes = 0
         self._inbox_limit = opts.inbox
@@ -800,11 +804,34 @@ class AsyncFramedStream:
         if self._lost or self._transport.is_closing():
             raise self._write_closed()
         if len(payload) <= _SMALL:
-            self._transport.write(self._framing.frame(payload))
+            data = self._framing.frame(payload)
+            out = self._out
+            if out is not None:
+                # A burst is being collected: it goes out in one write when this task next
+                # yields to the loop (or at _FLUSH_AT bytes).
+                out += data
+                if len(out) >= _FLUSH_AT:
+                    self._flush_out()
+            else:
+                now = _perf()
+                if now - self._last_send > _COALESCE_GAP:
+                    self._transport.write(data)  # a lone message: at once
+                else:
+                    self._out = bytearray(data)
+                    asyncio.get_running_loop().call_soon(self._flush_out)
+                self._last_send = now
         else:
+            self._flush_out()
             self._transport.writelines(self._framing.frame_parts(payload))
         if self._write_paused:
             await self._drain(timeout)
+
+    def _flush_out(self) -> None:
+        out = self._out
+        if out is not None:
+            self._out = None
+            if not self._lost and not self._transport.is_closing():
+                self._transport.write(out)
 
     def _write_closed(self) -> ConnectionClosed:
         if isinstance(self._eof, ConnectionClosed):
@@ -824,6 +851,7 @@ class AsyncFramedStream:
             raise self._write_closed()
 
     async def flush(self, timeout: float | None = None) -> None:
+        self._flush_out()
         deadline = deadline_of(timeout)
         # asyncio exposes no "buffer empty" event below the high-water mark; poll briefly.
         while self._transport.get_write_buffer_size() and not self._lost:
@@ -835,6 +863,7 @@ class AsyncFramedStream:
             raise self._write_closed()
 
     async def receive(self, timeout: float | None = None) -> list[Any]:
+        self._last_send = 0.0  # what we send next answers what we receive: no burst
         if not self._inbox:
             if self._eof is not None:
                 raise self._eof
