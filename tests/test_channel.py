@@ -250,3 +250,25 @@ def test_close_reports_undeliverable_messages() -> None:
         assert a.closed
         with pytest.raises(procwire.ChannelClosed):
             a.send(b"more")
+
+
+def test_a_send_loop_is_coalesced_and_a_request_reply_is_not() -> None:
+    a, b = procwire.pipe()
+    with a, b:
+        for i in range(20_000):  # a plain loop of send() calls
+            a.send({"i": i})
+        got = 0
+        while got < 20_000:
+            b.recv(timeout=10)
+            got += 1
+        a.flush(timeout=10)
+        burst = a.stats()
+        assert burst["messages"] == 20_000
+        assert burst["writes"] < 20_000 / 10, burst  # many messages per write
+        for i in range(200):  # request/reply: each message written at once, alone
+            a.send(i)
+            assert b.recv(timeout=5) == i
+            b.send(i)
+            assert a.recv(timeout=5) == i
+        after = a.stats()
+        assert after["writes"] - burst["writes"] == 200

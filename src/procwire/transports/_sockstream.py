@@ -224,6 +224,8 @@ class FramedStream:
         self._ok = True  # no write error, not closed, not forked
         self._soft_limit = min(_FLUSH_AT, self._high_water)
         self._last_send = 0.0
+        self._messages = 0
+        self._writes = 0
         self._flusher_waiting = False
         self._flusher: threading.Thread | None = None
         self._werror: ConnectionClosed | None = None
@@ -283,6 +285,7 @@ class FramedStream:
             payload = self._encode(obj)
         except Exception:
             payload = self._safe_encode(obj)
+        self._messages += 1
         n = len(payload)
         if n > _SMALL:
             return self._send_large(payload, timeout)
@@ -309,6 +312,7 @@ class FramedStream:
                     try:
                         if self._sock_send is not None:
                             sent = self._sock_send(data, _DONTWAIT)
+                            self._writes += 1
                         else:
                             sent = self._wire.try_send(data)
                     except BlockingIOError:
@@ -342,6 +346,7 @@ class FramedStream:
             while views:
                 try:
                     sent = self._wire.try_send_parts(views)  # type: ignore[arg-type]
+                    self._writes += 1
                 except OSError as exc:
                     raise self._fail_write(exc) from exc
                 while sent and views:
@@ -381,6 +386,7 @@ class FramedStream:
         try:
             if self._sock_send is not None:
                 sent = self._sock_send(self._wbuf, _DONTWAIT)
+                self._writes += 1
             else:
                 sent = self._wire.try_send(self._wbuf)
         except BlockingIOError:
@@ -463,6 +469,7 @@ class FramedStream:
                 cond.notify_all()
             try:
                 self._wire.send_all(data)
+                self._writes += 1
                 self._last_send = _perf()  # a send right after this continues the burst
             except OSError as exc:
                 with cond:
@@ -472,6 +479,11 @@ class FramedStream:
                     self._flusher = None
                     cond.notify_all()
                 return
+
+    def stats(self) -> dict[str, int]:
+        """``messages`` sent and ``writes`` made (write calls: fewer than messages when bursts
+        were coalesced), and ``queued`` bytes waiting in user space."""
+        return {"messages": self._messages, "writes": self._writes, "queued": len(self._wbuf)}
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every queued byte is handed to the kernel."""
