@@ -17,6 +17,7 @@ from ._errors import (
     AddressInUse,
     AuthenticationError,
     ChannelClosed,
+    ChildExited,
     ConnectionClosed,
     ConnectionRefused,
     DecodeError,
@@ -25,6 +26,7 @@ from ._errors import (
     InsecureError,
     LeaseLost,
     MessageTooLarge,
+    NoParentChannel,
     NoResponder,
     ProcwireError,
     ProtocolError,
@@ -36,6 +38,7 @@ from ._sync.channel import Channel, Listener, connect, listen, pipe
 from ._version import __version__
 from .bus import Bus
 from .codecs import Codec, get_codec
+from .process import Child, IpcChannel, parent, spawn
 from .queue import Job, Queue
 
 __all__ = [
@@ -45,6 +48,8 @@ __all__ = [
     "Bus",
     "Channel",
     "ChannelClosed",
+    "Child",
+    "ChildExited",
     "Codec",
     "ConnectionClosed",
     "ConnectionRefused",
@@ -52,10 +57,12 @@ __all__ = [
     "EncodeError",
     "FrameTooLarge",
     "InsecureError",
+    "IpcChannel",
     "Job",
     "LeaseLost",
     "Listener",
     "MessageTooLarge",
+    "NoParentChannel",
     "NoResponder",
     "ProcwireError",
     "ProtocolError",
@@ -67,5 +74,7 @@ __all__ = [
     "connect",
     "get_codec",
     "listen",
+    "parent",
     "pipe",
+    "spawn",
 ]

@@ -5,6 +5,7 @@ Every error procwire raises derives from one root, named for what happened::
     ProcwireError
      +-- ConnectionClosed          the peer went away (EOF, reset, killed); carries .reason
      |    +-- ConnectionRefused    nothing listens at the address (and retry gave up)
+     |    +-- ChildExited          a spawned child ended (.returncode, .pid)
      +-- Timeout                   a blocking call ran out of time (also a builtin TimeoutError)
      +-- ProtocolError             the bytes on the wire do not follow the protocol
      |    +-- FrameTooLarge        a frame bigger than max_frame_size (sent or announced)
@@ -17,6 +18,7 @@ Every error procwire raises derives from one root, named for what happened::
      |                             non-loopback TCP without auth or TLS)
      +-- MessageTooLarge           a message over a datagram transport's size limit
      +-- ChannelClosed             this side already closed the channel
+     +-- NoParentChannel           parent() in a process that has no parent channel
      +-- NoResponder               bus.request(): nobody handles that name
      +-- RemoteError               bus.request(): the remote handler raised (.type, .message)
      +-- QueueError                a queue's store failed (SQLite or Redis error)
@@ -33,6 +35,7 @@ __all__ = [
     "AddressInUse",
     "AuthenticationError",
     "ChannelClosed",
+    "ChildExited",
     "ConnectionClosed",
     "ConnectionRefused",
     "DecodeError",
@@ -41,6 +44,7 @@ __all__ = [
     "InsecureError",
     "LeaseLost",
     "MessageTooLarge",
+    "NoParentChannel",
     "NoResponder",
     "ProcwireError",
     "ProtocolError",
@@ -167,3 +171,21 @@ class RemoteError(ProcwireError):
         self.name = name
         self.type = type
         self.message = message
+
+
+class ChildExited(ConnectionClosed):
+    """The child process ended, which closed its channel.
+
+    ``returncode`` is its exit status as ``subprocess`` reports it (negative: killed by that
+    signal); ``pid`` its process id. Every message it sent before exiting was delivered first.
+    """
+
+    def __init__(self, message: str, *, returncode: int, pid: int) -> None:
+        super().__init__(message, reason="exit")
+        self.returncode = returncode
+        self.pid = pid
+
+
+class NoParentChannel(ProcwireError, RuntimeError):
+    """``parent()`` was called in a process that has no parent channel (it was not started by
+    ``procwire.spawn`` or Node's ``child_process.fork``), or whose channel cannot be used."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ._async.channel import AsyncChannel, AsyncListener, connect, listen, pipe
 from .bus import AsyncBus
+from .process.aio import Child, IpcChannel, parent, spawn
 from .queue import AsyncJob, AsyncQueue
 
 Channel = AsyncChannel
@@ -30,10 +31,14 @@ __all__ = [
     "AsyncQueue",
     "Bus",
     "Channel",
+    "Child",
+    "IpcChannel",
     "Job",
     "Listener",
     "Queue",
     "connect",
     "listen",
+    "parent",
     "pipe",
+    "spawn",
 ]

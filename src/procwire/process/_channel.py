@@ -1,0 +1,251 @@
+"""The parent/child message channel (blocking): Node's IPC protocol, or JSON lines on stdio."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import deque
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+from .._errors import ChannelClosed, ConnectionClosed, EncodeError, FrameTooLarge, Timeout
+from ..codecs import JsonCodec
+from ..protocol.framing import DEFAULT_MAX_FRAME_SIZE
+from ..protocol.lines import JsonLines
+from ..transports._sockstream import FramedStream, deadline_of, remaining
+from ..transports.base import Failed, TransportOptions
+from ._node import HandleProtocol, check_handle_size, make_handle_message
+from ._wire import HandleWire
+
+__all__ = ["IpcChannel", "node_stream"]
+
+log = logging.getLogger("procwire.process")
+
+
+class CodecLines(JsonLines):
+    """JSON lines whose payloads all come from procwire's json codec, which never writes a raw
+    newline (JSON escapes it inside strings): framing skips that check, a cost paid on every
+    message of a request/reply."""
+
+    def frame(self, payload: bytes | bytearray | memoryview) -> bytes:
+        if len(payload) > self.max_frame_size:
+            raise FrameTooLarge(len(payload), self.max_frame_size)
+        return bytes(payload) + b"\n"
+
+    def frame_parts(self, payload: bytes | bytearray | memoryview
+                    ) -> list[bytes | bytearray | memoryview]:
+        if len(payload) > self.max_frame_size:
+            raise FrameTooLarge(len(payload), self.max_frame_size)
+        return [payload, b"\n"]
+
+
+def node_stream(sock: socket.socket, opts: TransportOptions, *, local_address: str,
+                remote_address: str) -> tuple[FramedStream, HandleWire]:
+    """A JSON-lines stream over a Node IPC socket whose wire keeps received descriptors.
+    Only for payloads of procwire's json codec (see ``CodecLines``)."""
+    wire = HandleWire(sock)
+    stream = FramedStream(wire, opts, local_address=local_address,
+                          remote_address=remote_address,
+                          framing=CodecLines(opts.max_frame_size))
+    return stream, wire
+
+
+class IpcChannel:
+    """A parent/child message channel: JSON values, one per line.
+
+    On Node's IPC socket (``spawn()``'s default, and what ``parent()`` returns under Node's
+    ``fork()``) it also passes handles: ``send(msg, handle=sock)``, ``recv_with_handle()``; and
+    keeps Node's internal messages (``cmd`` starting with ``NODE_``) to itself.
+
+    Thread-safe: any thread may send while another receives.
+    """
+
+    def __init__(self, stream: FramedStream, wire: HandleWire | None, *,
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        codec = JsonCodec()
+        self._framing = JsonLines(max_frame_size)
+        self._stream = stream
+        self._wire = wire
+        self._codec = codec
+        stream.set_converter(codec.fast_decode, codec.decode)
+        stream.set_encoder(codec.encode)
+        self._node = HandleProtocol() if wire is not None else None
+        self._inbox: deque[Any] = deque()
+        self._rlock = threading.Lock()
+        # Ordinary sends and handle sends must not interleave on the wire: a handle's
+        # descriptor has to travel with the first byte of its own line.
+        self._slock = threading.Lock()
+        self._closed = False
+
+    @property
+    def local_address(self) -> str:
+        return self._stream.local_address
+
+    @property
+    def remote_address(self) -> str:
+        return self._stream.remote_address
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def passes_handles(self) -> bool:
+        """True on Node's IPC socket; False on stdio (pipes cannot carry descriptors)."""
+        return self._wire is not None
+
+    # -- sending ----------------------------------------------------------------------------
+    def send(self, msg: Any, *, handle: Any = None, timeout: float | None = None) -> None:
+        """Send one JSON value (NaN and infinities are refused with ``EncodeError``).
+
+        ``handle``: a socket (listening or connected, TCP or UNIX; or UDP) passed along with
+        the message; the peer gets its own copy (yours stays open: close it when you no longer
+        need it). A Node peer receives it as ``net.Server`` / ``net.Socket`` /
+        ``dgram.Socket`` in ``process.on('message', (msg, handle) => ...)``.
+
+        Waits only when ``write_buffer`` bytes are queued (the peer is not reading), up to
+        ``timeout``: then ``Timeout``. ``ConnectionClosed`` when the peer is gone.
+        """
+        if handle is not None:
+            self._send_handle(msg, handle, timeout)
+            return
+        with self._slock:
+            self._stream.send(msg, timeout)
+
+    def _send_handle(self, msg: Any, handle: Any, timeout: float | None) -> None:
+        if self._wire is None or self._node is None:
+            raise EncodeError("this channel cannot pass handles (stdio pipes carry no file "
+                              "descriptors): spawn the child with the default channel")
+        envelope, fd = make_handle_message(msg, handle)
+        payload = self._codec.encode(envelope)
+        check_handle_size(len(payload))
+        line = self._framing.frame(payload)
+        deadline = deadline_of(timeout)
+        with self._slock:
+            if self._closed:
+                raise ChannelClosed("channel is closed")
+            self._stream.flush(remaining(deadline))
+            try:
+                self._wire.send_with_fds(line, [fd], remaining(deadline))
+            except (Timeout, ChannelClosed):
+                raise
+            except OSError as exc:
+                raise ConnectionClosed(f"connection closed by peer ({exc})",
+                                       reason="broken pipe") from exc
+            self._node.sent(envelope, fd)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued message is handed to the operating system."""
+        self._stream.flush(timeout)
+
+    # -- receiving --------------------------------------------------------------------------
+    def recv(self, timeout: float | None = None) -> Any:
+        """The next message. Raises ``Timeout``, ``ConnectionClosed`` once the peer is gone and
+        everything it sent was received, or ``DecodeError`` for one bad line (the next call
+        goes on). A handle that comes with the message is closed (with a warning): use
+        ``recv_with_handle`` where handles are expected."""
+        deadline = deadline_of(timeout)
+        with self._rlock:
+            item = self._next(timeout)
+            # The common case, kept short: a user message.
+            if type(item) is not dict or self._node is None or "cmd" not in item:
+                if type(item) is Failed:
+                    raise item.exc
+                return item
+            msg, handle = self._handle_item(item, deadline)
+        if handle is not None:
+            log.warning("procwire: recv() dropped a handle that came with a message; "
+                        "use recv_with_handle() to receive handles")
+            handle.close()
+        return msg
+
+    def recv_with_handle(self, timeout: float | None = None) -> tuple[Any, socket.socket | None]:
+        """The next message and the socket that came with it (``None`` for most messages).
+
+        Node's internal messages are answered (a received handle is acknowledged with
+        ``NODE_HANDLE_ACK``, without which a Node sender would queue everything after it) and
+        never returned.
+        """
+        deadline = deadline_of(timeout)
+        with self._rlock:
+            return self._handle_item(self._next(timeout), deadline)
+
+    def _next(self, timeout: float | None) -> Any:
+        # _rlock held.
+        if self._inbox:
+            return self._inbox.popleft()
+        if self._closed:
+            raise ChannelClosed("channel is closed")
+        items = self._stream.receive(timeout)
+        if len(items) > 1:
+            self._inbox.extend(items)
+            return self._inbox.popleft()
+        return items[0]
+
+    def _handle_item(self, item: Any, deadline: float | None
+                     ) -> tuple[Any, socket.socket | None]:
+        # _rlock held. Internal messages are answered and skipped, up to the next user one.
+        while True:
+            if type(item) is Failed:
+                raise item.exc
+            node = self._node
+            if node is None or type(item) is not dict:
+                return item, None
+            assert self._wire is not None
+            action = node.receive(item, self._wire.fds.pop)
+            if action.reply is not None:
+                self._reply(action.reply, action.resend_fd)
+            if action.deliver:
+                return action.message, action.handle
+            item = self._next(remaining(deadline))
+
+    def _reply(self, reply: dict[str, Any], fd: int | None) -> None:
+        # An ACK must not fail the user's recv(): a peer that is gone shows up on the next call.
+        try:
+            if fd is None:
+                self.send(reply, timeout=5.0)
+                return
+            payload = self._codec.encode(reply)
+            line = self._framing.frame(payload)
+            assert self._wire is not None
+            with self._slock:
+                self._stream.flush(5.0)
+                self._wire.send_with_fds(line, [fd], 5.0)
+        except (ConnectionClosed, ChannelClosed, Timeout, OSError) as exc:
+            log.debug("procwire: could not answer %s: %s", reply.get("cmd"), exc)
+
+    # -- closing ----------------------------------------------------------------------------
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Flush queued messages (up to ``timeout``), then close; the peer sees end of file
+        (a Node child gets 'disconnect'). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._node is not None:
+            self._node.close()
+        self._stream.close(timeout)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Messages until the peer closes the channel (or exits)."""
+        while True:
+            try:
+                yield self.recv()
+            except (ConnectionClosed, ChannelClosed):
+                return
+
+    def __enter__(self) -> IpcChannel:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.close()
+        except Timeout:
+            if et is None:
+                raise
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<IpcChannel {self.remote_address} {state}>"
