@@ -51,6 +51,9 @@ _SMALL = 16 * 1024  # below this, header + payload are joined (cheaper than a ga
 # request, a reply) is written at once. A loop of send() calls runs at one call every 1-3 us.
 _COALESCE_GAP = 10e-6
 _FLUSH_AT = 64 * 1024  # a queued batch this large is written by the sending thread itself
+# The flusher writes the tail of a burst once the sender has sent nothing for this long (or at
+# once, when the sender waits for input).
+_TAIL_WAIT = 100e-6
 _perf = time.perf_counter
 _TIMEVAL = struct.Struct("@ll")
 _CLOSED_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ESHUTDOWN,
@@ -222,7 +225,11 @@ class FramedStream:
         self._inflight = False  # the flusher is writing a chunk outside the lock
         self._idle = True
         self._ok = True  # no write error, not closed, not forked
-        self._soft_limit = min(_FLUSH_AT, self._high_water)
+        # Queue size at which a send leaves the inline path: _FLUSH_AT while this thread writes
+        # batches itself; write_buffer while the flusher thread is in charge (the kernel was
+        # full), so sends just append and never retry a write the kernel would refuse.
+        self._flush_at = min(_FLUSH_AT, self._high_water)
+        self._append_limit = self._flush_at
         self._last_send = 0.0
         self._messages = 0
         self._writes = 0
@@ -301,7 +308,7 @@ class FramedStream:
             if not self._idle:
                 # A burst is under way (or we are broken): queue behind it, no clock needed.
                 wbuf = self._wbuf
-                if self._ok and len(wbuf) < self._soft_limit:
+                if self._ok and len(wbuf) < self._append_limit:
                     wbuf += data  # the common case of a burst, kept inline
                     return None
             else:
@@ -374,10 +381,15 @@ class FramedStream:
             wbuf = self._wbuf
         was_empty = not wbuf
         wbuf += data
-        if len(wbuf) >= _FLUSH_AT and not self._inflight:
+        if len(wbuf) >= self._append_limit and self._append_limit == self._flush_at \
+                and not self._inflight:
             self._flush_nowait()  # a big enough batch: write it from this thread
             if not self._wbuf:
                 return
+            # The kernel is full: the flusher takes over, with blocking writes.
+            self._append_limit = self._high_water
+            self._kick()
+            return
         if was_empty or self._idle:
             self._kick()
 
@@ -451,6 +463,7 @@ class FramedStream:
             with cond:
                 while not self._wbuf:
                     self._inflight = False
+                    self._append_limit = self._flush_at  # the sender writes batches again
                     cond.notify_all()
                     if self._closed or self._werror is not None or self._forked:
                         self._flusher = None
@@ -462,10 +475,24 @@ class FramedStream:
                     if not woke and not self._wbuf:
                         self._flusher = None  # idle: let the thread go, a new one comes if needed
                         return
+                if self._append_limit == self._flush_at:
+                    # A burst is being collected and the kernel has room: let it grow while
+                    # the sender keeps sending (it writes each 64 KiB itself); take the tail
+                    # once a wait passes with no new message.
+                    seen = -1
+                    while self._wbuf and seen != self._messages and not self._inflight \
+                            and self._append_limit == self._flush_at and self._ok:
+                        seen = self._messages
+                        self._flusher_waiting = True
+                        cond.wait(_TAIL_WAIT)
+                        self._flusher_waiting = False
+                    if not self._wbuf:
+                        continue
                 data = self._wbuf
                 self._wbuf = bytearray()
                 self._inflight = True
                 self._idle = False
+                self._append_limit = self._high_water
                 cond.notify_all()
             try:
                 self._wire.send_all(data)
