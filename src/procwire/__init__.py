@@ -20,6 +20,7 @@ from ._errors import (
     ChildExited,
     ConnectionClosed,
     ConnectionRefused,
+    CrashLoop,
     DecodeError,
     EncodeError,
     FrameTooLarge,
@@ -37,6 +38,7 @@ from ._errors import (
 from ._sync.channel import Channel, Listener, connect, listen, pipe
 from ._version import __version__
 from .bus import Bus
+from .cluster import Cluster, Message, WorkerInfo, worker
 from .codecs import Codec, get_codec
 from .process import Child, IpcChannel, parent, spawn
 from .queue import Job, Queue
@@ -50,9 +52,11 @@ __all__ = [
     "ChannelClosed",
     "Child",
     "ChildExited",
+    "Cluster",
     "Codec",
     "ConnectionClosed",
     "ConnectionRefused",
+    "CrashLoop",
     "DecodeError",
     "EncodeError",
     "FrameTooLarge",
@@ -61,6 +65,7 @@ __all__ = [
     "Job",
     "LeaseLost",
     "Listener",
+    "Message",
     "MessageTooLarge",
     "NoParentChannel",
     "NoResponder",
@@ -70,6 +75,7 @@ __all__ = [
     "QueueError",
     "RemoteError",
     "Timeout",
+    "WorkerInfo",
     "__version__",
     "connect",
     "get_codec",
@@ -77,4 +83,5 @@ __all__ = [
     "parent",
     "pipe",
     "spawn",
+    "worker",
 ]

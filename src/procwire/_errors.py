@@ -19,6 +19,7 @@ Every error procwire raises derives from one root, named for what happened::
      +-- MessageTooLarge           a message over a datagram transport's size limit
      +-- ChannelClosed             this side already closed the channel
      +-- NoParentChannel           parent() in a process that has no parent channel
+     +-- CrashLoop                 a cluster worker crashed too often; the cluster stopped
      +-- NoResponder               bus.request(): nobody handles that name
      +-- RemoteError               bus.request(): the remote handler raised (.type, .message)
      +-- QueueError                a queue's store failed (SQLite or Redis error)
@@ -38,6 +39,7 @@ __all__ = [
     "ChildExited",
     "ConnectionClosed",
     "ConnectionRefused",
+    "CrashLoop",
     "DecodeError",
     "EncodeError",
     "FrameTooLarge",
@@ -189,3 +191,16 @@ class ChildExited(ConnectionClosed):
 class NoParentChannel(ProcwireError, RuntimeError):
     """``parent()`` was called in a process that has no parent channel (it was not started by
     ``procwire.spawn`` or Node's ``child_process.fork``), or whose channel cannot be used."""
+
+
+class CrashLoop(ProcwireError):
+    """A worker crashed more than ``max_restarts`` times within ``restart_window`` seconds, so
+    the cluster stopped all its workers. ``worker_id`` is the worker that tripped the limit,
+    ``returncode`` its last exit status, ``restarts`` how many restarts the window held."""
+
+    def __init__(self, message: str, *, worker_id: int, returncode: int | None,
+                 restarts: int) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.returncode = returncode
+        self.restarts = restarts

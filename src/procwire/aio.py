@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ._async.channel import AsyncChannel, AsyncListener, connect, listen, pipe
 from .bus import AsyncBus
+from .cluster.aio import Cluster, worker
 from .process.aio import Child, IpcChannel, parent, spawn
 from .queue import AsyncJob, AsyncQueue
 
@@ -32,6 +33,7 @@ __all__ = [
     "Bus",
     "Channel",
     "Child",
+    "Cluster",
     "IpcChannel",
     "Job",
     "Listener",
@@ -41,4 +43,5 @@ __all__ = [
     "parent",
     "pipe",
     "spawn",
+    "worker",
 ]

@@ -173,11 +173,14 @@ def bench(ctx: typer.Context,
 
 def _mount() -> None:
     from .bus import cli as bus_cli
+    from .cluster.cli import cluster as cluster_command
     from .queue.cli import app as queue_app
 
     app.add_typer(queue_app, name="queue")
     for command in (bus_cli.emit, bus_cli.listen, bus_cli.request):
         app.command()(command)
+    # Arguments after "--" belong to the workers' command line.
+    app.command(context_settings={"allow_interspersed_args": False})(cluster_command)
 
 
 _mount()
