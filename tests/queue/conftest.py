@@ -13,13 +13,17 @@ import pytest
 
 from procwire.queue import Queue
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "redis"]
 
 
 @pytest.fixture(params=BACKENDS)
 def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/queues.db"
+    if request.param == "redis":
+        # A real redis-server of its own for each test (started by the fixture).
+        server = request.getfixturevalue("redis_server")
+        return str(server.url)
     raise AssertionError(request.param)  # pragma: no cover
 
 

@@ -1,5 +1,5 @@
-"""The backend interface: what a queue store provides. One module per store (``sqlite``,
-later ``redis``), picked by the URL's scheme.
+"""The backend interface: what a queue store provides. One module per store (``_sqlite``,
+``_redis``), picked by the URL's scheme.
 
 A backend instance serves ONE queue name. Every state change is one atomic step in the store
 (an SQLite transaction, a Redis Lua script), so a crash never leaves anything half-done. Time
@@ -153,7 +153,7 @@ class Backend(ABC):
 
 
 # scheme -> module in this package with a ``open_backend(url, name) -> Backend`` function.
-_SCHEMES = {"sqlite": "_sqlite"}
+_SCHEMES = {"sqlite": "_sqlite", "redis": "_redis", "rediss": "_redis"}
 
 
 def backend_for(url: str | None, name: str) -> Backend:

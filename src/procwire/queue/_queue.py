@@ -162,8 +162,9 @@ class Queue:
     """A durable work queue: at-least-once delivery with leases, retries, dead letters,
     delays, priorities, dedup keys and FIFO groups.
 
-    ``url``: None for the default SQLite file (``$XDG_DATA_HOME/procwire/queues.db``), or
-    ``sqlite:///path/queues.db``. ``lease``: seconds a ``get`` holds a job by default.
+    ``url``: None for the default SQLite file (``$XDG_DATA_HOME/procwire/queues.db``),
+    ``sqlite:///path/queues.db``, or ``redis://host:6379/0`` for a Redis server (consumers
+    on several machines). ``lease``: seconds a ``get`` holds a job by default.
     ``max_attempts``: deliveries before a job goes to the dead letters (stored with each job
     at ``put``). ``backoff``: seconds before a nacked job is retried, a number (doubled each
     attempt: b, 2b, 4b..., capped at an hour) or a function of the attempt number.

@@ -1,0 +1,230 @@
+"""Redis-only queue tests (the shared behaviour suite runs on Redis too, see conftest.py):
+key layout and retention, corrupt entries, the script cache, outages and restarts, Redis
+Cluster (a real one-node and two-node cluster)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+import procwire
+from _servers import RedisServer, free_port
+from procwire.queue import Item, Queue
+from procwire.queue._redis import RedisBackend
+
+
+@pytest.fixture
+def r(redis_server: Any) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_one_hash_tag_and_nothing_kept_after_ack(redis_server: Any, r: redis.Redis) -> None:
+    with Queue("jobs", redis_server.url, max_attempts=1, backoff=0) as q:
+        q.put_many([Item(i, key=f"k{i}", group=f"g{i % 3}", delay=0.01 * (i % 2))
+                    for i in range(30)])
+        job = q.get(timeout=0)
+        assert job is not None
+        job.nack()  # max_attempts=1: dead
+        names = [k.decode() for k in r.scan_iter(count=1000)]
+        assert names and all(n.startswith("procwire:{jobs}:") for n in names), names
+        assert len({key_slot(n.encode()) for n in names}) == 1  # one Redis Cluster slot
+        assert q.purge(dead_only=True) == 1
+        while q.stats().total:
+            for j in q.get_many(10, timeout=1):
+                j.ack()
+        # Acked jobs leave nothing behind: their records, keys and groups are gone.
+        left = sorted(k.decode() for k in r.scan_iter(count=1000))
+        assert left == ["procwire:{jobs}:seq", "procwire:{jobs}:stats"], left
+        # Times come from Redis's clock.
+        q.put("t")
+        job = q.get(timeout=0)
+        assert job is not None
+        secs, micros = r.time()
+        assert abs(job.enqueued_at - (secs + micros / 1e6)) < 5
+        job.ack()
+
+
+def test_odd_queue_and_group_names(redis_server: Any, r: redis.Redis) -> None:
+    names = ["a}b", "{x}", "a}:g:x", "a"]
+    queues = [Queue(n, redis_server.url) for n in names]
+    try:
+        for i, q in enumerate(queues):
+            q.put_many([Item(i, group="x}:ready"), Item(i, group="")])
+        for i, q in enumerate(queues):
+            assert q.stats().ready == 2, q.name
+            jobs = q.get_many(5, timeout=0)
+            assert [j.data for j in jobs] == [i, i]
+            q.ack_many(jobs)
+            assert q.stats().total == 0
+    finally:
+        for q in queues:
+            q.close()
+
+
+def test_corrupt_entries_go_to_dead_letters(redis_server: Any, r: redis.Redis) -> None:
+    with Queue("jobs", redis_server.url) as q:
+        ids = q.put_many(["payload", "fields", "missing", "string", "fine"])
+        q.put_many([Item("g1", group="g"), Item("g2", group="g"), Item("g3", group="g")])
+        p = "procwire:{jobs}:j:"
+        r.hset(f"{p}{ids[0]}", "d", b"\xff{not json")
+        r.hset(f"{p}{ids[1]}", "at", "many")
+        r.delete(f"{p}{ids[2]}")
+        r.delete(f"{p}{ids[3]}")
+        r.set(f"{p}{ids[3]}", b"junk")
+        got = []
+        while (job := q.get(timeout=0)) is not None:
+            got.append(job.data)
+            if job.data == "g1":
+                r.delete(f"{p}{job.id + 1}")  # g2's record vanishes while g1 is held
+            job.ack()
+        assert got == ["fine", "g1", "g3"]
+        dead = {d.id: d for d in q.dead_letters()}
+        assert len(dead) == 5
+        assert dead[ids[0]].error is not None and dead[ids[0]].error.startswith(
+            "corrupt payload")
+        assert dead[ids[0]].raw == b"\xff{not json" and dead[ids[0]].data is None
+        assert "lacks fields or holds bad values" in (dead[ids[1]].error or "")
+        assert dead[ids[1]].data == "fields"  # what could be read is kept
+        assert "missing" in (dead[ids[2]].error or "")
+        assert "is a string" in (dead[ids[3]].error or "") and dead[ids[3]].raw == b"junk"
+        assert "missing" in (dead[ids[3] + 3].error or "")  # g2
+        s = q.stats()
+        assert (s.dead, s.ready, s.leased) == (5, 0, 0)
+        assert q.purge() == 5
+
+
+def test_script_cache_flushed(redis_server: Any, r: redis.Redis) -> None:
+    with Queue("jobs", redis_server.url) as q:
+        q.put(1)
+        r.script_flush()
+        q.put(2)  # NOSCRIPT: sent again as EVAL, which caches it again
+        assert r.script_exists(procwire.queue._redis.SHA) == [True]
+        assert [j.data for j in q.get_many(5, timeout=0)] == [1, 2]
+
+
+def test_redis_down_times_out_then_recovers(redis_server: Any) -> None:
+    with Queue("jobs", redis_server.url, timeout=0.3) as q:
+        q.put("before")
+        redis_server.stop()
+        assert q.get(timeout=0.2) is None  # get: nothing came (Redis unreachable)
+        with pytest.raises(procwire.Timeout):
+            q.put("during")
+        with pytest.raises(procwire.Timeout):
+            q.stats()
+        redis_server.start()  # the test server keeps nothing on disk: an empty Redis
+        q.put("after")
+        job = q.get(timeout=5)
+        assert job is not None and job.data == "after"
+        job.ack()
+
+
+def test_blocking_get_carries_on_after_restart(redis_server: Any) -> None:
+    consumer = Queue("jobs", redis_server.url)
+    producer = Queue("jobs", redis_server.url)
+    try:
+        got: list[Any] = []
+        assert consumer.get(timeout=0) is None  # subscribed
+        t = threading.Thread(target=lambda: got.append(consumer.get(timeout=20)))
+        t.start()
+        time.sleep(0.1)
+        redis_server.restart()
+        time.sleep(0.2)
+        producer.put("after restart")
+        t.join(25)
+        assert got and got[0] is not None and got[0].data == "after restart"
+        got[0].ack()
+        backend = consumer.backend
+        assert isinstance(backend, RedisBackend)
+        waker = backend._waker
+        assert waker is not None
+        deadline = time.monotonic() + 5
+        while waker.connects < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert waker.connects >= 2  # the subscriber connection came back
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def test_url_errors() -> None:
+    with pytest.raises(procwire.AddressError):
+        Queue("jobs", "redis://127.0.0.1:notaport/0").stats()
+    with pytest.raises(procwire.AddressError):
+        Queue("jobs", "mysql://x").stats()
+
+
+def _cluster_node() -> RedisServer:
+    server = RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                         "--cluster-node-timeout", "2000")
+    for _ in range(10):
+        # A cluster node also listens on port + 10000 (its cluster bus): pick a port where
+        # that fits below 65536 and is free too.
+        while server.port > 55000:
+            server.port = free_port()
+        try:
+            server.start()
+            return server
+        except RuntimeError:
+            server.port = free_port()
+    server.close()
+    raise AssertionError("could not start a cluster-mode redis-server in 10 tries")
+
+
+def _wait_cluster_ok(*clients: redis.Redis) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if all(c.execute_command("CLUSTER", "INFO").decode().count("cluster_state:ok")
+               for c in clients):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the test cluster did not reach cluster_state:ok")
+
+
+def test_redis_cluster_follows_moved() -> None:
+    # Two real cluster-mode nodes; the queue's slot is on the one we did not connect to.
+    a, b = _cluster_node(), _cluster_node()
+    try:
+        ca = redis.Redis(host="127.0.0.1", port=a.port)
+        cb = redis.Redis(host="127.0.0.1", port=b.port)
+        slot = key_slot(b"procwire:{jobs}:ready")
+        # b serves the queue's slot, a every other one; the queue is opened on a.
+        ca.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, slot - 1)
+        ca.execute_command("CLUSTER", "ADDSLOTSRANGE", slot + 1, 16383)
+        cb.execute_command("CLUSTER", "ADDSLOTS", slot)
+        ca.execute_command("CLUSTER", "MEET", "127.0.0.1", b.port)
+        _wait_cluster_ok(ca, cb)
+        with Queue("jobs", a.url, backoff=0, max_attempts=1) as q:
+            q.put("moved")
+            backend = q.backend
+            assert isinstance(backend, RedisBackend)
+            assert backend.moved_to == ("127.0.0.1", b.port)
+            assert cb.exists("procwire:{jobs}:ready") == 1
+            job = q.get(timeout=5)
+            assert job is not None and job.data == "moved"
+            job.ack()
+            # Cluster mode refuses a script that touches keys of several slots (or of a slot
+            # another node serves): every operation works, so all keys share the one slot.
+            q.put_many([Item(1, key="a", group="g"), Item(2, group="g"), Item(3, delay=0.1)])
+            first = q.get(timeout=0)
+            assert first is not None and first.data == 1
+            first.nack()  # max_attempts=1: dead, and the group moves on
+            assert [d.data for d in q.dead_letters()] == [1]
+            assert sorted(j.data for j in q.get_many(5, timeout=5)) == [2]
+            assert q.requeue_dead() == 1
+            assert q.stats().total == 3
+            assert q.purge() == 3
+        ca.close()
+        cb.close()
+    finally:
+        a.close()
+        b.close()
