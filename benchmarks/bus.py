@@ -1,20 +1,28 @@
-"""Event bus benchmark: 1 publisher to 1, 4 and 16 subscriber processes on one Redis channel.
+"""Event bus benchmark: 1 publisher to 1, 4 and 16 subscriber processes, on one Redis channel
+and on procwire's local broker; request/reply latency on both.
 
 Methods (``--only`` names):
   raw_redis        redis-py used directly: a pipelining publisher (100 PUBLISH per round trip),
                    subscribers on ``PubSub.listen()`` decoding with ``json.loads``
   procwire_many    procwire ``Bus("redis://...")``: ``emit_many`` of 100 events per call,
                    subscribers iterating ``bus.subscribe("*")``
-  procwire_emit    procwire, one ``emit()`` per event (one round trip each)
+  procwire_emit    procwire on Redis, one ``emit()`` per event (one round trip each)
+  broker_many      procwire ``Bus("broker:///...")`` (the local broker, the default ``Bus()``):
+                   ``emit_many`` of 100 events per call (one confirmation per call)
+  broker_emit      the local broker, one ``emit()`` per event (confirmed: one round trip each)
   node_ioredis     Node ioredis: publisher issuing PUBLISH without awaiting (ioredis pipelines
                    them by itself), subscribers with JSON.parse
+
+Request/reply (test ``rr``, for procwire_emit = Redis and broker_emit = broker): a responder
+process answers ``bus.handle("echo", ...)``; a requester process makes 200 warm-up then 2000
+sequential ``bus.request("echo", {"i": i})`` calls; p50/p99 of the round trip.
 
 Tests: ``tput`` (events/s: N events or 1 s of publishing, then an end marker; elapsed = the
 last subscriber's monotonic clock at the end marker minus the publisher's before its first
 send; every subscriber must count all N) and ``lat`` (one-way latency: 1000 events paced 1 ms
 apart, each carrying the publisher's CLOCK_MONOTONIC; p50/p99 over every subscriber's samples).
 
-    .venv/bin/python benchmarks/bus.py                # 3 interleaved repetitions (~4 min)
+    .venv/bin/python benchmarks/bus.py                # 3 interleaved repetitions (~6 min)
     .venv/bin/python benchmarks/bus.py --quick        # 1 repetition, smaller N (~1 min)
     .venv/bin/python benchmarks/bus.py --only raw_redis procwire_many --subs 1 4
 
@@ -97,7 +105,7 @@ else:
     from procwire.bus import Bus
     bus = Bus(url, channel=channel)
     emit = bus.emit
-    if method == "procwire_many":
+    if method.endswith("_many"):
         def emit_batch(k):
             bus.emit_many([("tick", data)] * k)
     else:
@@ -172,7 +180,37 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 # process.hrtime is CLOCK_MONOTONIC on Linux, like Python's time.monotonic_ns(), so one-way
 # latencies can be computed across Python and Node processes on one machine.
 
-METHODS = ["raw_redis", "procwire_many", "procwire_emit", "node_ioredis"]
+PY_RESPONDER = r"""
+import sys
+sys.path.insert(0, sys.argv[3])
+from procwire.bus import Bus
+bus = Bus(sys.argv[1], channel=sys.argv[2])
+bus.handle("echo", lambda d: d)
+print("ready", flush=True)
+sys.stdin.read()
+bus.close()
+"""
+
+PY_REQUESTER = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[3])
+from procwire.bus import Bus
+bus = Bus(sys.argv[1], channel=sys.argv[2])
+for i in range(200):
+    bus.request("echo", {"i": i}, timeout=10)
+lats = []
+clock = time.perf_counter_ns
+for i in range(2000):
+    t = clock()
+    bus.request("echo", {"i": i}, timeout=10)
+    lats.append(clock() - t)
+print(json.dumps({"lats": lats}), flush=True)
+bus.close()
+"""
+
+METHODS = ["raw_redis", "procwire_many", "procwire_emit", "broker_many", "broker_emit",
+           "node_ioredis"]
+RR_METHODS = ["procwire_emit", "broker_emit"]
 
 
 def free_port() -> int:
@@ -211,6 +249,32 @@ class Redis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class Broker:
+    """A foreground local broker on a private socket (its queue large enough that no
+    subscriber is dropped, like the Redis server's unlimited pubsub buffer)."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="pw-bench-broker-")
+        self.path = os.path.join(self.dir, "b.sock")
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "procwire.bus._broker", "--socket", self.path, "--idle", "0",
+             "--max-queue", "10000000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.path + ".pid"):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.close()
+                sys.exit("the broker did not start")
+            time.sleep(0.05)
+        self.url = f"broker://{self.path}?queue=10000000&autostart=0"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def spawn(method: str, role: str, args: list[str]) -> subprocess.Popen[str]:
     if method == "node_ioredis":
         env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
@@ -231,6 +295,34 @@ def readline(proc: subprocess.Popen[str], timeout: float) -> str:
         if not sel.select(timeout):
             raise TimeoutError("child did not answer in time")
     return proc.stdout.readline()
+
+
+def measure_rr(url: str, method: str, run: int) -> dict[str, Any]:
+    channel = f"rr{run}"
+    src = str(ROOT / "src")
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        resp = subprocess.Popen([sys.executable, "-c", PY_RESPONDER, url, channel, src],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(resp)
+        if readline(resp, 30).strip() != "ready":
+            raise RuntimeError("the responder failed to start")
+        req = subprocess.Popen([sys.executable, "-c", PY_REQUESTER, url, channel, src],
+                               stdout=subprocess.PIPE, text=True)
+        procs.append(req)
+        lats = sorted(x / 1000 for x in json.loads(readline(req, 120))["lats"])
+    finally:
+        for p in procs:
+            if p.stdin is not None:
+                p.stdin.close()
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+            if p.stdout is not None:
+                p.stdout.close()
+    return {"method": method, "subs": 0, "mode": "rr", "lost": 0,
+            "rr_p50_us": lats[len(lats) // 2],
+            "rr_p99_us": lats[min(len(lats) - 1, int(len(lats) * 0.99))]}
 
 
 def measure(redis_url: str, method: str, subs: int, mode: str, quick: bool,
@@ -293,11 +385,28 @@ def main() -> None:
         print("node_ioredis skipped: run `npm install --prefix tests/node`", file=sys.stderr)
         methods.remove("node_ioredis")
     server = Redis()
+    broker = Broker()
+
+    def url_of(method: str) -> str:
+        return broker.url if method.startswith("broker") else server.url
+
     rows: list[dict[str, Any]] = []
     failed = False
     run = 0
     try:
         for rep in range(reps):
+            for method in [m for m in RR_METHODS if m in methods]:
+                run += 1
+                print(f"rep {rep + 1}/{reps} request/reply {method}", file=sys.stderr,
+                      flush=True)
+                try:
+                    r = measure_rr(url_of(method), method, run)
+                except Exception as exc:
+                    failed = True
+                    r = {"method": method, "subs": 0, "mode": "rr", "error": repr(exc)}
+                    print(f"  failed: {exc!r}", file=sys.stderr)
+                r["rep"] = rep
+                rows.append(r)
             for subs in args.subs:
                 for mode in ("tput", "lat"):
                     order = methods[rep % len(methods):] + methods[:rep % len(methods)]
@@ -306,7 +415,8 @@ def main() -> None:
                         print(f"rep {rep + 1}/{reps} {mode} subs={subs} {method}",
                               file=sys.stderr, flush=True)
                         try:
-                            r = measure(server.url, method, subs, mode, args.quick, run)
+                            r = measure(url_of(method), method, subs, mode, args.quick,
+                                        run)
                         except Exception as exc:
                             failed = True
                             r = {"method": method, "subs": subs, "mode": mode,
@@ -316,6 +426,7 @@ def main() -> None:
                         rows.append(r)
     finally:
         server.close()
+        broker.close()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1))
 
@@ -355,6 +466,34 @@ def main() -> None:
                         ratios.append(a[0] / b[0])
                 parts.append(f"{s} sub: {statistics.median(ratios):.2f}x" if ratios else "-")
             print(f"- {m}: " + ", ".join(parts))
+    pairs = [("broker_many", "procwire_many"), ("broker_emit", "procwire_emit")]
+    if any(a in methods and b in methods for a, b in pairs):
+        print("\nlocal broker vs the Redis backend, events/s (median of per-repetition "
+              "ratios)\n")
+        for a_m, b_m in pairs:
+            if a_m not in methods or b_m not in methods:
+                continue
+            parts = []
+            for s in args.subs:
+                ratios = []
+                for rep in range(reps):
+                    a = [r.get("events_per_s") for r in rows if r["method"] == a_m
+                         and r["subs"] == s and r["rep"] == rep and r["mode"] == "tput"]
+                    b = [r.get("events_per_s") for r in rows if r["method"] == b_m
+                         and r["subs"] == s and r["rep"] == rep and r["mode"] == "tput"]
+                    if a and b and a[0] and b[0]:
+                        ratios.append(a[0] / b[0])
+                parts.append(f"{s} sub: {statistics.median(ratios):.2f}x" if ratios else "-")
+            print(f"- {a_m} / {b_m}: " + ", ".join(parts))
+    rr = [m for m in RR_METHODS if m in methods]
+    if rr:
+        print("\nrequest/reply round trip (medians of the repetitions' p50 / p99)\n")
+        print("| backend | p50 µs | p99 µs |\n|---|---:|---:|")
+        for m in rr:
+            p50, p99 = med(m, 0, "rr_p50_us"), med(m, 0, "rr_p99_us")
+            name = "local broker" if m.startswith("broker") else "Redis"
+            print(f"| {name} | {'-' if p50 is None else f'{p50:.0f}'} | "
+                  f"{'-' if p99 is None else f'{p99:.0f}'} |")
     losses = [r for r in rows if r.get("lost")]
     for r in losses:
         print(f"- LOST {r['lost']} events: {r['method']} subs={r['subs']} {r['mode']}")

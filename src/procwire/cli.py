@@ -177,7 +177,7 @@ def _mount() -> None:
     from .queue.cli import app as queue_app
 
     app.add_typer(queue_app, name="queue")
-    for command in (bus_cli.emit, bus_cli.listen, bus_cli.request):
+    for command in (bus_cli.emit, bus_cli.listen, bus_cli.request, bus_cli.broker):
         app.command()(command)
     # Arguments after "--" belong to the workers' command line.
     app.command(context_settings={"allow_interspersed_args": False})(cluster_command)

@@ -7,8 +7,10 @@ machines.
 ...     bus.request("add", {"x": 1, "y": 2}, timeout=1)
 3
 
-Backends by URL: ``memory://NAME`` (one process), ``redis://HOST:PORT/DB`` / ``rediss://``
-(JSON ``{"event": name, "data": data}`` on a Redis channel, so Node with ioredis can join).
+Backends by URL: none (the default) or ``broker://[/path.sock]``: this user's local broker, a
+process started on demand that routes events by pattern between the processes of one machine;
+``memory://NAME`` (one process); ``redis://HOST:PORT/DB`` / ``rediss://`` (JSON
+``{"event": name, "data": data}`` on a Redis channel, so Node with ioredis can join).
 See docs/bus.md.
 """
 

@@ -22,6 +22,7 @@ __all__ = ["Backend", "Sink", "backend_for"]
 
 # scheme -> "module:Class" under procwire.bus; one line per backend.
 _BACKENDS: dict[str, str] = {
+    "broker": "_local:LocalBackend",
     "memory": "_memory:MemoryBackend",
     "redis": "_redis:RedisBackend",
     "rediss": "_redis:RedisBackend",

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 from .._errors import (
-    AddressError,
     ChannelClosed,
     EncodeError,
     MessageTooLarge,
@@ -46,8 +45,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_MESSAGE = 1 << 20
 
-_NO_BROKER = ("Bus() with no URL will use the local broker, which is not built yet: "
-              "pass 'memory://NAME' (one process) or 'redis://HOST:PORT/DB'")
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -69,6 +66,8 @@ def _check_emit_name(event: str) -> None:
 def _raise_for_reply(name: str, reply: dict[str, Any]) -> Any:
     if reply.get("closed"):
         raise ChannelClosed("the bus was closed while waiting for a reply")
+    if reply.get("no_responder") is True:  # the broker's answer when nobody handles it
+        raise NoResponder(name)
     error = reply.get("error")
     if error is not None:
         if isinstance(error, dict):
@@ -87,7 +86,7 @@ class _BusBase:
                  max_message_size: int, emit_timeout: float | None,
                  events: Dispatcher, requests: Dispatcher) -> None:
         if url is None:
-            raise AddressError(_NO_BROKER)
+            url = "broker://"  # this user's local broker (PROCWIRE_BROKER names another)
         check_policy(policy, maxsize)
         self.url = url
         self.maxsize = maxsize
@@ -158,9 +157,11 @@ class _BusBase:
 class Bus(_BusBase):
     """An event bus with request/reply (blocking API; ``procwire.aio.Bus`` for asyncio).
 
-    ``url``: ``memory://NAME`` (one process), ``redis://HOST:PORT/DB`` or ``rediss://``
-    (across machines; events go as JSON ``{"event": name, "data": data}`` on the Redis
-    channel ``channel``). ``Bus()`` with no URL is reserved for the local broker (not built yet).
+    ``url``: None (the default) or ``broker://`` for this user's local broker, started in
+    the background when none runs (``broker:///path.sock`` or ``PROCWIRE_BROKER`` name
+    another socket); ``memory://NAME`` (one process); ``redis://HOST:PORT/DB`` or
+    ``rediss://`` (across machines; events go as JSON ``{"event": name, "data": data}`` on the
+    Redis channel ``channel``). ``channel`` also separates buses on one broker.
 
     Handlers run on a dispatcher thread, never in ``emit``; a handler that raises is logged and
     stays subscribed. Every subscription has a bounded buffer (``maxsize`` events); ``policy``
@@ -186,6 +187,7 @@ class Bus(_BusBase):
                          max_message_size=max_message_size, emit_timeout=emit_timeout,
                          events=ThreadDispatcher("procwire-bus-events"),
                          requests=ThreadDispatcher("procwire-bus-requests"))
+        self._core.pattern_timeout = timeout
         self._backend.start(self._core, timeout)
 
     # -- events ----------------------------------------------------------------------------
@@ -314,12 +316,16 @@ class Bus(_BusBase):
         self._check_usable()
         deadline = None if timeout is None else time.monotonic() + timeout
         cid, envelope = self._request_envelope(data)
-        done = threading.Event()
+        # A bare lock, released by the delivering thread: a cheaper wake-up than an Event
+        # (a request/reply's latency is mostly such hand-offs).
+        done = threading.Lock()
+        done.acquire()
         box: list[dict[str, Any]] = []
 
         def deliver(reply: dict[str, Any]) -> None:
-            box.append(reply)
-            done.set()
+            if not box:
+                box.append(reply)
+                done.release()
 
         self._core.expect_reply(cid, deliver)
         try:
@@ -327,7 +333,8 @@ class Bus(_BusBase):
             self._core.requests_sent += 1
             if n == 0:
                 raise NoResponder(name)
-            if not done.wait(_remaining(deadline)):
+            left = _remaining(deadline)
+            if not done.acquire(timeout=-1 if left is None else left):
                 raise Timeout(f"no reply to {name!r} in {timeout} s")
         finally:
             self._core.forget_reply(cid)
@@ -426,6 +433,10 @@ class AsyncBus(_BusBase):
         super().__init__(url, channel=channel, maxsize=maxsize, policy=policy,
                          max_message_size=max_message_size, emit_timeout=emit_timeout,
                          events=self._events, requests=self._requests)
+        # subscribe()/on() are not coroutines here: they send the pattern to a central
+        # router (the broker) without waiting; the next awaited call confirms it, since the
+        # broker handles one bus's frames in order.
+        self._core.pattern_timeout = 0
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False

@@ -467,6 +467,9 @@ class BusCore:
         self._responders: dict[str, Subscription] = {}
         self._pending: dict[str, Callable[[dict[str, Any]], None]] = {}
         self.closed = False
+        #: how long ``add`` waits for the backend to confirm a pattern (0: send, do not wait;
+        #: what the asyncio bus uses, since subscribe() there is not a coroutine)
+        self.pattern_timeout: float | None = 5.0
         # counters
         self.emitted = 0
         self.received = 0
@@ -524,6 +527,16 @@ class BusCore:
         with self._lock:
             self._subs.append(sub)
             self._routes = {}
+        # Backends that route centrally (the broker) learn the pattern; this bus still
+        # filters locally, so a backend that sends more than asked is harmless.
+        try:
+            self.backend.add_pattern(sub.pattern, self.pattern_timeout)
+        except BaseException:
+            with self._lock:
+                if sub in self._subs:
+                    self._subs.remove(sub)
+                    self._routes = {}
+            raise
 
     def add_responder(self, name: str, sub: Subscription) -> None:
         with self._lock:
@@ -540,9 +553,12 @@ class BusCore:
 
     def _discard(self, sub: Subscription) -> None:
         with self._lock:
-            if sub in self._subs:
-                self._subs.remove(sub)
-                self._routes = {}
+            if sub not in self._subs:
+                return
+            self._subs.remove(sub)
+            self._routes = {}
+        if not self.closed:
+            self.backend.remove_pattern(sub.pattern, 0)  # never waits: any thread calls this
 
     def _overflowed(self, sub: Subscription) -> None:
         self.overflows += 1

@@ -1,20 +1,23 @@
-"""``procwire emit / listen / request``: the bus from the command line (a typer app the main CLI
-mounts). Events print as JSON lines: ``{"event": name, "data": data}``.
+"""``procwire emit / listen / request / broker``: the bus from the command line (a typer app
+the main CLI mounts). Events print as JSON lines: ``{"event": name, "data": data}``. Without
+``--url`` the commands use this user's local broker (started in the background if none runs).
 
-    procwire listen 'user.*' --url redis://127.0.0.1:6379/0
-    procwire emit user.created '{"id": 1}' --url redis://127.0.0.1:6379/0
+    procwire listen 'user.*'
+    procwire emit user.created '{"id": 1}'
     procwire request add '{"x": 1, "y": 2}' --url redis://127.0.0.1:6379/0
+    procwire broker --status
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated, Any
 
 import typer
 
-from .._errors import ProcwireError, Timeout
+from .._errors import ConnectionRefused, ProcwireError, Timeout
 from ._bus import Bus
 from ._patterns import Matcher
 
@@ -22,8 +25,9 @@ __all__ = ["app"]
 
 app = typer.Typer(help="The event bus: emit, listen, request.", no_args_is_help=True)
 
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="PROCWIRE_BUS_URL",
-                                            help="bus URL (memory://, redis://...)")]
+UrlOpt = Annotated[str | None, typer.Option(
+    "--url", envvar="PROCWIRE_BUS_URL",
+    help="bus URL (redis://..., broker:///path.sock; default: the local broker)")]
 ChannelOpt = Annotated[str, typer.Option("--channel", help="Redis channel name")]
 
 
@@ -99,6 +103,91 @@ def request(name: str, data: Annotated[str | None, typer.Argument(help="JSON")] 
     except (ProcwireError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
     typer.echo(json.dumps(reply))
+
+
+def _status(path: str, as_json: bool, timeout: float) -> None:
+    from urllib.parse import quote
+
+    try:
+        with Bus(f"broker://{quote(path)}?autostart=0", timeout=timeout) as bus:
+            backend: Any = bus._backend
+            info = backend.broker_stats(timeout)
+    except ConnectionRefused as exc:
+        typer.echo(f"no broker runs on {path} ({exc})", err=True)
+        raise typer.Exit(1) from exc
+    except ProcwireError as exc:
+        raise _fail(exc) from exc
+    me = os.getpid()
+    info["clients"] = [c for c in info.get("clients", []) if c.get("pid") != me]
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    tot, rates = info["totals"], info["rates"]
+    idle = info["idle_exit"]
+    typer.echo(f"broker pid {info['pid']} on {info['socket']}, up {info['uptime']:.0f} s, "
+               f"idle exit {f'after {idle:g} s' if idle > 0 else 'never'}, policy "
+               f"{info['policy']} (queue {info['max_queue']})")
+    typer.echo(f"rates (last ~5 s): {rates['events_in']:g} events/s in, "
+               f"{rates['deliveries']:g} deliveries/s, {rates['requests']:g} requests/s")
+    typer.echo("totals: " + ", ".join(f"{k} {v}" for k, v in tot.items()))
+    clients = info["clients"]
+    typer.echo(f"{len(clients)} client(s)")
+    if clients:
+        head = ("id", "pid", "name", "channel", "patterns", "handles", "queued", "dropped",
+                "events_in", "delivered")
+        rows = [(str(c["id"]), str(c["pid"]), c["name"][:28], str(c["channel"]),
+                 ",".join(c["patterns"])[:30], ",".join(c["handles"])[:20], str(c["queued"]),
+                 str(c["dropped"]), str(c["events_in"]), str(c["delivered"]))
+                for c in clients]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        for r in (head, *rows):
+            typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def broker(
+        status: Annotated[bool, typer.Option("--status", help="show the running broker's "
+                                             "clients, counters and rates")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="with --status: JSON")] = False,
+        socket: Annotated[str | None, typer.Option(
+            "--socket", envvar="PROCWIRE_BROKER",
+            help="socket path (default: $XDG_RUNTIME_DIR/procwire/broker.sock or "
+                 "/tmp/procwire-UID/broker.sock)")] = None,
+        idle: Annotated[float, typer.Option(
+            help="exit after this many seconds without clients (0: never)")] = 0.0,
+        max_queue: Annotated[int, typer.Option(help="frames queued per client")] = 10_000,
+        policy: Annotated[str, typer.Option(
+            help="a slow client's full queue: drop_oldest or disconnect")] = "drop_oldest",
+        timeout: float = 5.0) -> None:
+    """Run the local bus broker in the foreground (or --status: report on the running one)."""
+    import logging
+
+    from ._broker import BROKER_POLICIES, LOCK_TAKEN, serve
+    from ._paths import BrokerFiles, default_socket_path
+
+    try:
+        files = BrokerFiles(os.path.abspath(socket) if socket else default_socket_path())
+    except ProcwireError as exc:
+        raise _fail(exc) from exc
+    if status:
+        _status(files.socket, as_json, timeout)
+        return
+    if policy not in BROKER_POLICIES:
+        raise typer.BadParameter(f"policy must be one of {', '.join(BROKER_POLICIES)}")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        rc = serve(files.socket, idle=idle, max_queue=max_queue, policy=policy)
+    except ProcwireError as exc:
+        raise _fail(exc) from exc
+    if rc == LOCK_TAKEN:
+        pid = files.read_pid()
+        typer.echo(f"error: a broker already runs on {files.socket}"
+                   + (f" (pid {pid})" if pid else ""), err=True)
+    if rc:
+        raise typer.Exit(rc)
+
+
+app.command()(broker)
 
 
 if __name__ == "__main__":

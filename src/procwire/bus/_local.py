@@ -1,0 +1,579 @@
+"""``broker://``: the bus through this user's local broker (the default ``Bus()``).
+
+``Bus()`` / ``Bus("broker://")`` use the default socket (see ``_paths``; ``PROCWIRE_BROKER``
+overrides it); ``Bus("broker:///path/to/broker.sock")`` names one. Query options:
+``idle`` (seconds a broker this bus starts stays up without clients, default 60),
+``queue`` (frames the broker may queue for this bus, default 10 000) and ``policy``
+(``drop_oldest`` or ``disconnect``: what the broker does when that queue is full),
+``autostart`` (``0``: never start a broker, fail with ``ConnectionRefused``).
+
+When nothing listens on the socket, the bus starts a broker, detached (its own session, output
+to ``<socket>.log``, not a child that dies with this process), under an ``flock`` on
+``<socket>.spawn`` so that many processes starting at once start one broker.
+
+One connection per bus, read by one thread. If it breaks (the broker was killed, or it
+disconnected this bus for reading too slowly), the thread reconnects with backoff, starting a
+new broker when none runs, registers the bus's patterns and request names again, and emits
+``procwire.gap`` with ``{"reason", "detail", "down_for", "backend"}``: events published
+meanwhile are lost. ``reason``: ``restarted`` (a new broker), ``dropped_by_server`` (the broker
+said bye: too slow, or a protocol error), ``connection_lost``; the broker itself sends
+``slow_consumer`` gaps when it dropped events under ``drop_oldest``.
+
+``emit`` is confirmed by the broker (it returns how many buses got the event); during an outage
+it waits for the reconnection up to its timeout, then raises ``procwire.Timeout``. If the broker
+dies between receiving an event and confirming it, the retry can deliver it twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from .._errors import (
+    AddressError,
+    ChannelClosed,
+    ConnectionClosed,
+    ConnectionRefused,
+    DecodeError,
+    ProcwireError,
+    ProtocolError,
+    Timeout,
+)
+from .._sync.channel import Channel
+from .._sync.channel import connect as sync_connect
+from ._backend import Backend, Sink
+from ._broker import BROKER_POLICIES, DEFAULT_IDLE, LOCK_TAKEN
+from ._paths import BrokerFiles, default_socket_path, wait_lock
+from ._wire import VERSION, ClientFrame, WireCodec, batch_frame, encode_frame, encode_item
+
+__all__ = ["LocalBackend", "connect_broker", "start_broker"]
+
+log = logging.getLogger("procwire.bus")
+
+_ENVELOPE = 4096  # bytes of frame around a message's data, within the broker's max frame
+
+
+def _src_root() -> str:
+    import procwire
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(procwire.__file__)))
+
+
+def start_broker(files: BrokerFiles, *, idle: float, timeout: float | None,
+                 extra: list[str] | None = None) -> None:
+    """Start a detached broker on ``files.socket`` and wait until it has forked (or found
+    another broker holding the lock); the caller then connects with retries."""
+    files.ensure_folder()
+    cmd = [sys.executable, "-m", "procwire.bus._broker", "--socket", files.socket,
+           "--idle", str(idle), "--detach", *(extra or [])]
+    env = dict(os.environ)
+    # The broker must import this same procwire, wherever it comes from.
+    env["PYTHONPATH"] = _src_root() + (os.pathsep + env["PYTHONPATH"]
+                                       if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd="/",
+                            env=env, close_fds=True)
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise Timeout(f"the broker did not start within {timeout} s (see {files.log})"
+                      ) from None
+    if rc not in (0, LOCK_TAKEN):
+        raise ConnectionRefused(f"could not start a broker on {files.socket} (exit status "
+                                f"{rc}; see {files.log})")
+
+
+def connect_broker(files: BrokerFiles, *, timeout: float | None, autostart: bool,
+                   idle: float = DEFAULT_IDLE, max_frame: int = 1 << 26) -> Channel:
+    """A channel to the broker on ``files.socket``, starting one if none runs (``autostart``)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def attempt(retry: bool) -> Channel:
+        return sync_connect(files.url, codec=WireCodec(), timeout=left(), retry=retry,
+                            max_frame_size=max_frame)
+
+    try:
+        return attempt(False)
+    except ConnectionRefused:
+        if not autostart:
+            raise
+    files.ensure_folder()
+    with wait_lock(files.spawn, left()):
+        try:  # someone else may have started it while we waited for the lock
+            return attempt(False)
+        except ConnectionRefused:
+            pass
+        start_broker(files, idle=idle, timeout=left())
+        return attempt(True)
+
+
+class _Slot:
+    """One thread waiting for one answer (cheaper than an Event)."""
+
+    __slots__ = ("lock", "value")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.value: ClientFrame | None = None  # None: the connection was lost first
+
+    def set(self, value: ClientFrame | None) -> None:
+        self.value = value
+        self.lock.release()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+
+
+class _Lost(Exception):
+    """The connection broke before the broker answered."""
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() not in ("0", "no", "false", "off", "")
+
+
+class LocalBackend(Backend):
+    """See the module docstring."""
+
+    def __init__(self, url: str, *, channel: str = "procwire", max_message_size: int = 1 << 20,
+                 emit_timeout: float | None = 5.0, **_: Any) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.netloc:
+            raise AddressError(f"{url!r}: use broker:///absolute/path.sock (or broker:// for "
+                               "the default)")
+        path = urllib.parse.unquote(parts.path) or default_socket_path()
+        self.files = BrokerFiles(path)
+        self.idle = DEFAULT_IDLE
+        self.queue = 0
+        self.policy = ""
+        self.autostart = True
+        for key, value in urllib.parse.parse_qsl(parts.query):
+            try:
+                if key == "idle":
+                    self.idle = float(value)
+                elif key == "queue":
+                    self.queue = int(value)
+                elif key == "policy":
+                    if value not in BROKER_POLICIES:
+                        raise ValueError(f"policy must be one of {', '.join(BROKER_POLICIES)}")
+                    self.policy = value
+                elif key == "autostart":
+                    self.autostart = _bool(value)
+                else:
+                    raise ValueError(f"unknown option {key!r} (idle, queue, policy, autostart)")
+            except ValueError as exc:
+                raise AddressError(f"{url!r}: {exc}") from None
+        if not channel or not isinstance(channel, str):
+            raise AddressError("a bus needs a non-empty channel name")
+        self.url = "broker://" + self.files.socket
+        self.channel = channel
+        self.max_message_size = max_message_size
+        self.reply_to = uuid.uuid4().hex
+        self._name = f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
+        self._lock = threading.Lock()
+        self._patterns: dict[str, int] = {}
+        self._handles: set[str] = set()
+        self._pending: dict[int, _Slot] = {}
+        self._seq = itertools.count(1)
+        self._ch: Channel | None = None
+        self._sink: Sink | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._stop = threading.Event()
+        self._up = threading.Event()
+        self._limit = max_message_size + _ENVELOPE
+        self._registered: tuple[set[str], set[str]] = (set(), set())
+        self.broker: dict[str, Any] = {}
+        # counters
+        self.reconnects = 0
+        self.server_disconnects = 0
+        self.brokers_started = 0
+        self.events_received = 0
+        self.bad_frames = 0
+        self.gaps_from_broker = 0
+
+    # -- connecting ------------------------------------------------------------------------
+
+    def _hello(self, ch: Channel, timeout: float | None) -> dict[str, Any]:
+        with self._lock:
+            patterns = sorted(self._patterns)
+            handles = sorted(self._handles)
+        self._registered = (set(patterns), set(handles))
+        ch.send(encode_frame("hello", 1, self._name, {
+            "pid": os.getpid(), "reply_to": self.reply_to, "channel": self.channel,
+            "patterns": patterns, "handles": handles, "queue": self.queue,
+            "policy": self.policy, "version": VERSION}), timeout=timeout)
+        f: ClientFrame = ch.recv(timeout=timeout)
+        if f.kind == "bye":
+            raise ConnectionClosed(f"the broker refused this bus: {f.name}", reason="refused")
+        if f.kind != "welcome" or not isinstance(f.body, dict):
+            raise ProtocolError(f"the broker answered hello with {f.kind!r}")
+        return f.body
+
+    def _open(self, timeout: float | None) -> tuple[Channel, dict[str, Any]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ch = connect_broker(self.files, timeout=timeout, autostart=self.autostart,
+                            idle=self.idle)
+        try:
+            info = self._hello(ch, None if deadline is None
+                               else max(0.01, deadline - time.monotonic()))
+        except BaseException:
+            ch.close(0)
+            raise
+        limit = info.get("max_frame")
+        if isinstance(limit, int) and limit > 0:
+            self._limit = min(self.max_message_size + _ENVELOPE, limit)
+        return ch, info
+
+    def _install(self, ch: Channel) -> bool:
+        """Make ``ch`` the live channel; then register what changed since its hello (a
+        subscribe from another thread during the handshake). False once closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._ch = ch
+            patterns, handles = set(self._patterns), set(self._handles)
+        sent_p, sent_h = self._registered
+        for p in patterns - sent_p:
+            self._notify("sub", p)
+        for p in sent_p - patterns:
+            self._notify("unsub", p)
+        for h in handles - sent_h:
+            self._notify("handle", h)
+        for h in sent_h - handles:
+            self._notify("unhandle", h)
+        return True
+
+    def start(self, sink: Sink, timeout: float | None) -> None:
+        self._sink = sink
+        ch, info = self._open(timeout)
+        self.broker = info
+        if not self._install(ch):
+            ch.close(0)
+            raise ChannelClosed("this bus is closed")
+        self._up.set()
+        self._thread = threading.Thread(target=self._reader, args=(ch,), daemon=True,
+                                        name="procwire-bus-broker")
+        self._thread.start()
+
+    # -- the reader thread -----------------------------------------------------------------
+
+    def _reader(self, ch: Channel) -> None:
+        bye: str | None = None
+        try:
+            while not self._closed:
+                try:
+                    bye = self._read_loop(ch)
+                except (ConnectionClosed, ChannelClosed, ProtocolError, OSError) as exc:
+                    bye = bye or f"{type(exc).__name__}: {exc}"
+                if self._closed:
+                    break
+                new = self._recover(ch, bye)
+                if new is None:
+                    break
+                ch, bye = new, None
+        except Exception:  # a bug: say so rather than die silently
+            log.exception("procwire bus: the broker reader thread failed")
+        finally:
+            self._up.clear()
+            self._fail_pending()
+
+    def _read_loop(self, ch: Channel) -> str | None:
+        """Deliver frames until the connection ends; the broker's bye reason, if it said one."""
+        recv = ch.recv
+        sink = self._sink
+        assert sink is not None
+        pending = self._pending
+        while True:
+            try:
+                f = recv()
+            except DecodeError as exc:
+                self.bad_frames += 1
+                log.warning("procwire bus: skipped a bad frame from the broker: %s", exc)
+                continue
+            kind = f.kind
+            if kind == "pub":
+                self.events_received += 1
+                sink.on_event(f.name, f.body)
+            elif kind == "pubs":
+                body = f.body
+                if not isinstance(body, list):
+                    self.bad_frames += 1
+                    continue
+                self.events_received += len(body)
+                for item in body:  # the broker checked them: [str, data] pairs
+                    sink.on_event(item[0], item[1])
+            elif kind == "ok" or kind == "err":
+                slot = pending.pop(f.seq, None)
+                if slot is not None:
+                    slot.set(f)
+            elif kind == "rep":
+                if isinstance(f.body, dict):
+                    sink.on_reply(f.body)
+            elif kind == "req":
+                body = f.body
+                if isinstance(body, dict) and isinstance(body.get("id"), str) and \
+                        isinstance(body.get("reply_to"), str):
+                    sink.on_request(f.name, body)
+                else:
+                    self.bad_frames += 1
+            elif kind == "notice":
+                if f.name.startswith("procwire.") and isinstance(f.body, dict):
+                    self.gaps_from_broker += f.name == "procwire.gap"
+                    sink.on_notice(f.name, dict(f.body, backend=self.url))
+            elif kind == "bye":
+                return f.name or "bye"
+            else:
+                self.bad_frames += 1
+
+    def _fail_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for slot in pending.values():
+            slot.set(None)
+
+    def _recover(self, old: Channel, bye: str | None) -> Channel | None:
+        """Reconnect (starting a broker if needed) with backoff; report the gap."""
+        down_since = time.monotonic()
+        self._up.clear()
+        with self._lock:
+            ch, self._ch = self._ch, None
+        old.close(0)
+        self._fail_pending()
+        old_run = self.broker.get("run_id")
+        dropped = bye is not None and not bye.startswith(("ConnectionClosed", "Protocol",
+                                                          "ChannelClosed", "OSError"))
+        if dropped:
+            self.server_disconnects += 1
+        log.warning("procwire bus: lost the broker at %s (%s); reconnecting", self.files.socket,
+                    bye)
+        delay = 0.02
+        while not self._closed:
+            try:
+                ch, info = self._open(timeout=max(2.0, 4 * delay))
+            except (ProcwireError, OSError) as exc:
+                log.debug("procwire bus: broker still unreachable: %s", exc)
+                self._stop.wait(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 1.0)
+                continue
+            self.broker = info
+            if not self._install(ch):
+                ch.close(0)
+                return None
+            self.reconnects += 1
+            self._up.set()
+            if info.get("run_id") != old_run:
+                reason = "restarted"
+            elif dropped:
+                reason = "dropped_by_server"
+            else:
+                reason = "connection_lost"
+            gap = {"reason": reason, "detail": bye or "", "backend": self.url,
+                   "down_for": round(time.monotonic() - down_since, 3)}
+            log.warning("procwire bus: reconnected to the broker (%s) after %.3f s; events "
+                        "published meanwhile are lost (procwire.gap)", reason, gap["down_for"])
+            if self._sink is not None:
+                self._sink.on_notice("procwire.gap", gap)
+            return ch
+        return None
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _channel(self, deadline: float | None, what: str) -> Channel:
+        """The live channel, waiting (until ``deadline``) for a reconnection if needed."""
+        while True:
+            if self._closed:
+                raise ChannelClosed("this bus is closed")
+            ch = self._ch
+            if ch is not None and self._up.is_set():
+                return ch
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Timeout(f"the broker at {self.files.socket} is unreachable; {what}")
+            self._up.wait(0.05 if left is None else min(left, 0.05))
+
+    def _call(self, kind: str, name: str, body: Any, timeout: float | None) -> ClientFrame:
+        """Send a frame and wait for the broker's answer. Retries on a new connection after
+        a reconnect, within ``timeout``."""
+        return self._call_raw(lambda seq: encode_frame(kind, seq, name, body, self._limit),
+                              f"{kind} {name!r}", timeout)
+
+    def _call_raw(self, make: Callable[[int], bytes], what: str, timeout: float | None,
+                  frames: list[bytes] | None = None) -> ClientFrame:
+        """Send ``frames``, then ``make(seq)``, and wait for the answer to ``seq``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ch = self._channel(deadline, f"{what} was not sent")
+            seq = next(self._seq)
+            data = make(seq)
+            slot = _Slot()
+            with self._lock:
+                self._pending[seq] = slot
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                for b in frames or ():
+                    ch.send(b, timeout=left)
+                ch.send(data, timeout=left)
+            except (ConnectionClosed, ChannelClosed):
+                with self._lock:
+                    self._pending.pop(seq, None)
+                if self._closed:
+                    raise
+                self._up.clear()
+                continue
+            except BaseException:
+                with self._lock:
+                    self._pending.pop(seq, None)
+                raise
+            left = None if deadline is None else deadline - time.monotonic()
+            if not slot.wait(left):
+                with self._lock:
+                    self._pending.pop(seq, None)
+                raise Timeout(f"the broker did not answer {what} within {timeout} s")
+            f = slot.value
+            if f is None:  # lost: send again on the next connection
+                if self._closed:
+                    raise ChannelClosed("this bus is closed")
+                continue
+            if f.kind == "err":
+                err = f.body if isinstance(f.body, dict) else {}
+                raise ValueError(str(err.get("message", "the broker refused it")))
+            return f
+
+    def _send(self, data: bytes, timeout: float | None, what: str) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ch = self._channel(deadline, what)
+            try:
+                ch.send(data, timeout=None if deadline is None
+                        else max(0.0, deadline - time.monotonic()))
+                return
+            except (ConnectionClosed, ChannelClosed):
+                if self._closed:
+                    raise
+                self._up.clear()
+
+    def publish(self, name: str, data: Any, timeout: float | None) -> int:
+        f = self._call("pub", name, data, timeout)
+        return int(f.body) if isinstance(f.body, int) else -1
+
+    def publish_many(self, events: list[tuple[str, Any]], timeout: float | None) -> None:
+        if not events:
+            return
+        # Encode everything first: a bad event raises before anything is sent. The events
+        # travel in "pubs" frames of up to the frame limit (the broker forwards a batch as
+        # one write per subscriber); one confirmation for the lot, since the broker handles
+        # a connection's frames in order.
+        items = [encode_item(name, data, self._limit) for name, data in events]
+        chunks: list[list[bytes]] = [[]]
+        size = 0
+        for item in items:
+            if size + len(item) + 32 > self._limit and chunks[-1]:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(item)
+            size += len(item) + 1
+        head = [batch_frame(0, chunk) for chunk in chunks[:-1]]
+        self._call_raw(lambda seq: batch_frame(seq, chunks[-1]), "pubs", timeout, head)
+
+    def request(self, name: str, request: dict[str, Any], timeout: float | None) -> int:
+        data = encode_frame("req", 0, name, request, self._limit)
+        self._send(data, timeout, "the request was not sent")
+        return -1  # the broker answers {no_responder: true} itself when nobody handles it
+
+    def reply(self, reply_to: str, reply: dict[str, Any], timeout: float | None) -> None:
+        self._send(encode_frame("rep", 0, reply_to, reply, self._limit), timeout,
+                   "the reply was not sent")
+
+    def add_responder(self, name: str, timeout: float | None) -> None:
+        with self._lock:
+            self._handles.add(name)
+        if self._ch is not None:
+            self._call("handle", name, None, timeout)
+
+    def remove_responder(self, name: str, timeout: float | None) -> None:
+        with self._lock:
+            self._handles.discard(name)
+        self._notify("unhandle", name)
+
+    def add_pattern(self, pattern: str, timeout: float | None) -> None:
+        with self._lock:
+            n = self._patterns.get(pattern, 0)
+            self._patterns[pattern] = n + 1
+        if n or self._ch is None:
+            return  # already registered, or not connected yet: hello will carry it
+        if timeout == 0:
+            self._notify("sub", pattern)  # confirmed by the next answered call (in order)
+            return
+        try:
+            self._call("sub", pattern, None, timeout)
+        except BaseException:
+            self.remove_pattern(pattern, 0)
+            raise
+
+    def remove_pattern(self, pattern: str, timeout: float | None) -> None:
+        with self._lock:
+            n = self._patterns.get(pattern, 0) - 1
+            if n > 0:
+                self._patterns[pattern] = n
+                return
+            self._patterns.pop(pattern, None)
+        self._notify("unsub", pattern)
+
+    def _notify(self, kind: str, name: str) -> None:
+        """Send without waiting, from any thread (the reader's too); best effort: after a
+        reconnect, hello carries the current patterns and names anyway."""
+        ch = self._ch
+        if ch is None or self._closed:
+            return
+        try:
+            ch.send(encode_frame(kind, 0, name, None), timeout=0)
+        except ProcwireError:
+            pass
+
+    def broker_stats(self, timeout: float | None = 5.0) -> dict[str, Any]:
+        """The broker's own counters (what ``procwire broker --status`` shows)."""
+        f = self._call("stats", "", None, timeout)
+        return f.body if isinstance(f.body, dict) else {}
+
+    def stats(self) -> dict[str, Any]:
+        return {"backend": "broker", "url": self.url, "channel": self.channel,
+                "connected": self._up.is_set(), "broker_pid": self.broker.get("broker_pid"),
+                "run_id": self.broker.get("run_id"), "reconnects": self.reconnects,
+                "server_disconnects": self.server_disconnects,
+                "events_received": self.events_received, "bad_frames": self.bad_frames,
+                "gaps_from_broker": self.gaps_from_broker}
+
+    def close(self, timeout: float | None) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            ch, self._ch = self._ch, None
+        self._stop.set()
+        self._up.set()  # wake anyone waiting for a reconnection: they see _closed
+        if ch is not None:
+            try:
+                ch.close(timeout=0 if timeout is None else min(timeout, 1.0))
+            except ProcwireError:
+                pass
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._fail_pending()
