@@ -68,6 +68,20 @@ class Decoder(Protocol):
     def check_eof(self) -> None: ...
 
 
+def feed(decoder: Decoder, data: bytes | bytearray | memoryview) -> list[bytes]:
+    """Drive any ``Decoder`` with ``data``: copy it in through ``get_buffer`` /
+    ``buffer_updated`` and return every completed message as ``bytes`` (tests, slow paths)."""
+    out: list[bytes] = []
+    view = memoryview(data).cast("B")
+    while view:
+        buf = decoder.get_buffer()
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        view = view[n:]
+        out.extend(bytes(f) for f in decoder.buffer_updated(n))
+    return out
+
+
 class Framing(Protocol):
     """How a byte stream carries messages: a decoder, and how to frame one payload.
 
@@ -266,15 +280,7 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Convenience: copy ``data`` in and return every completed frame as ``bytes``."""
-        out: list[bytes] = []
-        view = memoryview(data).cast("B")
-        while view:
-            buf = self.get_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            out.extend(bytes(f) for f in self.buffer_updated(n))
-        return out
+        return feed(self, data)
 
     def check_eof(self) -> None:
         """Call at end of stream: raises ProtocolError when a frame was cut off."""

@@ -36,7 +36,7 @@ import re
 import msgspec
 
 from .._errors import EncodeError, FrameTooLarge, ProtocolError
-from .framing import DEFAULT_MAX_FRAME_SIZE, DEFAULT_READ_BUFFER
+from .framing import DEFAULT_MAX_FRAME_SIZE, DEFAULT_READ_BUFFER, feed
 
 __all__ = ["JsonLines", "JsonLinesDecoder"]
 
@@ -360,15 +360,7 @@ class JsonLinesDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Convenience: copy ``data`` in and return every completed value as ``bytes``."""
-        out: list[bytes] = []
-        view = memoryview(data).cast("B")
-        while view:
-            buf = self.get_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            out.extend(bytes(f) for f in self.buffer_updated(n))
-        return out
+        return feed(self, data)
 
     def check_eof(self) -> None:
         """Call at end of stream: raises ProtocolError when a value was cut off."""
