@@ -61,16 +61,38 @@ def test_recv_timeout_exits_nonzero(sock_dir: str) -> None:
     assert "no message" in out.stderr
 
 
-def test_demo_runs_every_transport() -> None:
+def test_demo_runs_every_transport_and_the_tour() -> None:
     out = cli("demo", "--json", "--messages", "2000")
-    rows = json.loads(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    rows = result["transports"]
     names = {r["transport"] for r in rows}
     assert {"unix", "tcp", "pipe", "stdio", "udp", "spool", "memory"} <= names
     for r in rows:
         assert r["ok"], r
         if r["transport"] not in ("memory",):
             assert r["child_pid"] != os.getpid()
+    parts = {p["part"]: p for p in result["tour"]}
+    assert set(parts) == {"child", "cluster", "bus", "queue"}
+    for p in parts.values():
+        assert p["ok"], p
+    assert "1000/1000" in parts["bus"]["what"]
+    assert _leftovers("procwire-demo-") == [], "the demo left processes running"
+
+
+def _leftovers(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (the demo's temp folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmd:
+            found.append(f"{entry.name}: {cmd}")
+    return found
 
 
 def test_bench_runs_a_small_comparison(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 For each transport the parent starts a child (``python -m procwire._demo URL``) that connects
 back and echoes; the parent shows the child's pid, the round-trip time of a small request/reply
-and the rate of a burst of one-way messages. Nothing needs to be installed or started by hand.
+and the rate of a burst of one-way messages. Then ``_tour`` shows a spawned child, a cluster,
+the event bus and a work queue. Nothing needs to be installed or started by hand.
 """
 
 from __future__ import annotations
@@ -211,12 +212,15 @@ def run_demo(json_out: bool = False, burst: int = 20000) -> bool:
     from rich.console import Console
     from rich.table import Table
 
+    from ._tour import TOURS
+
     console = Console(stderr=json_out)
     if not console.is_terminal:
         console = Console(stderr=json_out, width=120)  # logs and CI: do not squeeze the table
     rows = []
     console.print(f"[bold]procwire demo[/bold]: parent pid {os.getpid()}; each transport starts "
                   "a child process that connects back and echoes.\n")
+    parts = []
     with tempfile.TemporaryDirectory(prefix="procwire-demo-") as folder:
         for name, fn in DEMOS:
             with console.status(f"{name} ..."):
@@ -227,26 +231,53 @@ def run_demo(json_out: bool = False, burst: int = 20000) -> bool:
                     row = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             row["transport"] = name
             rows.append(row)
+        if not json_out:
+            _print_transports(console, rows)
+        for name, tour_fn in TOURS:
+            with console.status(f"{name} ..."):
+                try:
+                    part = tour_fn(folder)
+                except Exception as exc:
+                    part = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            part["part"] = name
+            parts.append(part)
     if json_out:
-        print(json.dumps(rows, indent=2, default=str))
-    else:
-        table = Table(title="messages over each local transport")
-        for col in ("transport", "address", "child pid", "round trip p50",
-                    "burst msgs/s", "received", "status"):
-            table.add_column(col, justify="right" if col[0] in "rbc" else "left")
-        for r in rows:
-            if "error" in r:
-                table.add_row(r["transport"], "", "", "", "", "", f"[red]{r['error']}[/red]")
-                continue
-            table.add_row(r["transport"], r["url"], str(r["child_pid"]),
-                          f"{r['rtt_p50_us']:.0f} µs", f"{r['msgs_per_s']:,.0f}",
-                          f"{r['received']}/{r['sent']}",
-                          "[green]ok[/green]" if r["ok"] else "[red]lost messages[/red]")
+        print(json.dumps({"transports": rows, "tour": parts}, indent=2, default=str))
+    elif parts:
+        table = Table(title="beyond channels: children, a cluster, the bus, a queue "
+                            "(no server needed)")
+        for col in ("part", "what happened", "measured", "status"):
+            table.add_column(col)
+        for p in parts:
+            status = "[green]ok[/green]" if p["ok"] else "[red]failed[/red]"
+            table.add_row(p["part"], p.get("what") or f"[red]{p.get('error')}[/red]",
+                          p.get("timing", ""), status)
         console.print(table)
-        console.print("Every message above was JSON, sent with ch.send() and read with "
-                      "ch.recv(timeout=...). UDP may drop datagrams under a burst: that is "
-                      "UDP. Read docs/ for each transport.")
-    return all(r["ok"] for r in rows)
+        console.print("The bus used a local broker that Bus() started on demand (a private "
+                      "one here, stopped at the end); the queue is one SQLite file. Read "
+                      "docs/processes.md, cluster.md, bus.md and queue.md.")
+    return all(r["ok"] for r in rows) and all(p["ok"] for p in parts)
+
+
+def _print_transports(console: Any, rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="messages over each local transport")
+    for col in ("transport", "address", "child pid", "round trip p50",
+                "burst msgs/s", "received", "status"):
+        table.add_column(col, justify="right" if col[0] in "rbc" else "left")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["transport"], "", "", "", "", "", f"[red]{r['error']}[/red]")
+            continue
+        table.add_row(r["transport"], r["url"], str(r["child_pid"]),
+                      f"{r['rtt_p50_us']:.0f} µs", f"{r['msgs_per_s']:,.0f}",
+                      f"{r['received']}/{r['sent']}",
+                      "[green]ok[/green]" if r["ok"] else "[red]lost messages[/red]")
+    console.print(table)
+    console.print("Every message above was JSON, sent with ch.send() and read with "
+                  "ch.recv(timeout=...). UDP may drop datagrams under a burst: that is "
+                  "UDP. Read docs/ for each transport.\n")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ def recv(url: Annotated[str, typer.Argument(help="Where to listen, e.g. tcp://12
 def demo(json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
          = False,
          messages: Annotated[int, typer.Option(help="Messages in each burst.")] = 20000) -> None:
-    """Start a second process and show messages flowing over each local transport."""
+    """Show messages flowing to a child process over each local transport, then a spawned
+    child, a two-worker cluster, the event bus (local broker) and a SQLite work queue."""
     from ._demo import run_demo
 
     ok = run_demo(json_out=json_out, burst=messages)
