@@ -15,6 +15,21 @@ Methods, measured in the same run:
 * ``procwire py<->node``: ``procwire.process.spawn(["node", ...])``: a Python parent with that
   same Node child script.
 
+Cluster relay (worker 1 -> primary -> worker 2), measured in the same run:
+
+* ``procwire cluster relay``: ``procwire.cluster.Cluster`` of two Python workers; worker 1 sends
+  with ``worker().send_to(2, msg)``, the primary relays, worker 2 reads ``worker().recv``.
+* ``node cluster relay``: Node's ``cluster`` module, two workers; worker 1 sends
+  ``process.send({to: 2, data})``, the primary's ``cluster.on('message')`` relays it with
+  ``workers[2].send(...)`` (the Node script is written to a temporary file, see
+  ``NODE_CLUSTER_JS``).
+
+Relay throughput: the primary tells worker 1 to go; worker 1 sends as fast as its API allows
+(time-bounded), then an end marker with its count; worker 2 checks the count and tells the
+primary; messages per second from the go to that answer. Relay latency: worker 1 sends one
+message to worker 2, which sends it back to worker 1 (two relays per round trip); p50/p99 as
+above. The direct one-hop figure to compare with is ``procwire py<->py`` throughput above.
+
 The message is ``{"event": "task", "data": <64 x "x">}`` everywhere. Latency: one message out,
 the echo back, the next one; p50/p99 of the round trip after a warm-up. Throughput: the parent
 sends as fast as its API allows (time-bounded), then an end marker; the child answers with its
@@ -34,6 +49,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +58,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+import procwire.cluster as pc  # noqa: E402
 import procwire.process as pp  # noqa: E402
 
 NODE_SCRIPT = ROOT / "src" / "procwire" / "bench" / "node_fork_bench.js"
@@ -110,15 +127,21 @@ def latency(send: Callable[[Any], None], recv: Callable[[], Any], warmup: int, c
             "p99_us": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] / 1000}
 
 
-def throughput(send: Callable[[Any], None], recv: Callable[[], Any], count: int,
-               seconds: float) -> float:
-    t0 = _now()
+def burst(send: Callable[[Any], None], count: int, seconds: float) -> int:
+    """Send ``MSG`` as fast as ``send`` goes, ``count`` times or for ``seconds``; the count."""
     deadline = time.monotonic() + seconds
     sent = 0
     for sent in range(1, count + 1):
         send(MSG)
         if sent % 1024 == 0 and time.monotonic() > deadline:
             break
+    return sent
+
+
+def throughput(send: Callable[[Any], None], recv: Callable[[], Any], count: int,
+               seconds: float) -> float:
+    t0 = _now()
+    sent = burst(send, count, seconds)
     send(END)
     done = recv()
     elapsed = (_now() - t0) / 1e9
@@ -195,8 +218,9 @@ def run_mp_pipe(settings: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _node_json(node: str, args: list[str], timeout: float) -> dict[str, Any]:
-    proc = subprocess.Popen([node, str(NODE_SCRIPT), *args], stdout=subprocess.PIPE,
+def _node_json(node: str, args: list[str], timeout: float,
+               script: Path = NODE_SCRIPT) -> dict[str, Any]:
+    proc = subprocess.Popen([node, str(script), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -226,12 +250,192 @@ def run_node_fork(settings: dict[str, Any]) -> dict[str, float]:
             "msgs_per_s": tput["received"] / elapsed}
 
 
+# -- cluster relay ----------------------------------------------------------------------------
+def pw_relay_worker(mode: str, settings: dict[str, Any]) -> None:
+    """Worker 2 answers (``lat``: sends each message back to worker 1) or counts (``tput``);
+    worker 1 measures when the primary says go, and reports to the primary."""
+    w = pc.worker()
+    if w.id == 2:
+        n = 0
+        for _sender, data in w:
+            if mode == "lat":
+                w.send_to(1, data)
+            elif data.get("event") == "task":
+                n += 1
+            else:
+                w.send({"event": "done", "received": n, "sent": data.get("sent")})
+                n = 0
+        return
+    for sender, _data in w:
+        if sender != 0:
+            continue
+        if mode == "lat":
+            w.send(latency(lambda m: w.send_to(2, m), lambda: w.recv(timeout=30),
+                           settings["warmup"], settings["lat_count"], settings["seconds"]))
+        else:
+            sent = burst(lambda m: w.send_to(2, m), settings["count"], settings["seconds"])
+            w.send_to(2, {"event": "end", "sent": sent})
+
+
+def run_procwire_relay(settings: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    limit = 60 + 3 * settings["seconds"]
+    with pc.Cluster(pw_relay_worker, "lat", settings, workers=2, restart="never",
+                    stop_timeout=2.0) as cluster:
+        cluster.send(1, "go")
+        out.update(cluster.recv(timeout=limit).data)
+    with pc.Cluster(pw_relay_worker, "tput", settings, workers=2, restart="never",
+                    stop_timeout=2.0) as cluster:
+        t0 = _now()
+        cluster.send(1, "go")
+        done = cluster.recv(timeout=limit).data
+        elapsed = (_now() - t0) / 1e9
+    if done.get("received") != done.get("sent"):
+        raise RuntimeError(f"worker 1 sent {done.get('sent')}, worker 2 received "
+                           f"{done.get('received')}")
+    out["msgs_per_s"] = done["received"] / elapsed
+    return out
+
+
+#: Node's own cluster doing the same relay (the primary relays with ``worker.send``).
+NODE_CLUSTER_JS = r"""
+'use strict';
+// node relay.js lat|tput <payload bytes> <warm-up> <round trips> <messages> <seconds>
+const cluster = require('cluster');
+const now = () => process.hrtime.bigint();
+const MAX_INFLIGHT = 1000;  // bounded send queue in worker 1, as in node_fork_bench.js
+const [mode, ...nums] = process.argv.slice(2);
+const [size, warmup, latCount, count, seconds] = nums.map(Number);
+const nanos = BigInt(Math.round(seconds * 1e9));
+function fail(why) { process.stderr.write(`node cluster relay: ${why}\n`); process.exit(2); }
+
+if (cluster.isPrimary) {
+  cluster.setupPrimary({ serialization: 'json', stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+  const ws = { 1: cluster.fork({ RELAY_ID: '1' }), 2: cluster.fork({ RELAY_ID: '2' }) };
+  const all = () => Object.values(ws);
+  const watchdog = setTimeout(() => {
+    all().forEach((w) => w.process.kill('SIGKILL'));
+    fail('timed out');
+  }, 1000 * (30 + 3 * seconds));
+  let ready = 0;
+  let t0 = 0n;
+  let result = null;
+  for (const [id, w] of Object.entries(ws)) {
+    const from = Number(id);
+    w.on('message', (m) => {
+      if (m.to !== undefined) { ws[m.to].send({ from, data: m.data }); return; }
+      if (m.event === 'ready') {
+        if (++ready === 2) { t0 = now(); ws[1].send({ go: true }); }
+        return;
+      }
+      result = { ...m, elapsed_ns: String(now() - t0) };
+      clearTimeout(watchdog);
+      process.stdout.write(JSON.stringify(result) + '\n');
+      all().forEach((x) => x.kill());
+    });
+    w.on('exit', (code, sig) => {
+      if (result === null) fail(`worker ${from} exited early (${code}, ${sig})`);
+    });
+  }
+} else {
+  const me = Number(process.env.RELAY_ID);
+  process.on('disconnect', () => process.exit(0));
+  const msg = { event: 'task', data: 'x'.repeat(size) };
+  if (me === 2) {
+    let n = 0;
+    process.on('message', (m) => {
+      if (mode === 'lat') { process.send({ to: 1, data: m.data }); return; }
+      if (m.data.event === 'task') { n++; return; }
+      process.send({ event: 'done', received: n, sent: m.data.sent });
+      n = 0;
+    });
+  } else if (mode === 'lat') {
+    const rtts = [];
+    let i = 0;
+    let warm = warmup > 0;
+    let tSend = 0n;
+    let deadline = 0n;
+    const next = () => { tSend = now(); process.send({ to: 2, data: msg }); };
+    process.on('message', (m) => {
+      if (m.go) { deadline = now() + nanos; next(); return; }
+      const t = now();
+      i++;
+      if (warm) {
+        if (i >= warmup) { warm = false; i = 0; deadline = now() + nanos; }
+        next();
+        return;
+      }
+      rtts.push(Number(t - tSend));
+      if (i < latCount && t < deadline) { next(); return; }
+      rtts.sort((a, b) => a - b);
+      const q = (p) => rtts[Math.min(rtts.length - 1, Math.floor(rtts.length * p))];
+      process.send({ p50_us: q(0.5) / 1000, p99_us: q(0.99) / 1000, n: rtts.length });
+    });
+  } else {
+    let sent = 0;
+    let inflight = 0;
+    let limit = count;
+    let deadline = 0n;
+    let finished = false;
+    let pumping = false;
+    const onSent = (err) => {
+      if (err) fail(`send failed: ${err}`);
+      inflight--;
+      if (!finished && !pumping && inflight <= MAX_INFLIGHT / 2) pump();
+    };
+    const pump = () => {
+      pumping = true;
+      while (sent < limit && inflight < MAX_INFLIGHT) {
+        if (sent % 256 === 0 && now() >= deadline) { limit = sent; break; }
+        inflight++;
+        sent++;
+        process.send({ to: 2, data: msg }, onSent);
+      }
+      pumping = false;
+      if (sent >= limit && !finished) {
+        finished = true;
+        process.send({ to: 2, data: { event: 'end', sent } });
+      }
+    };
+    process.on('message', (m) => { if (m.go) { deadline = now() + nanos; pump(); } });
+  }
+  process.send({ event: 'ready' });
+}
+"""
+
+
+def run_node_relay(settings: dict[str, Any]) -> dict[str, float]:
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node not found on PATH")
+    limit = 60 + 3 * settings["seconds"]
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "relay.js"
+        script.write_text(NODE_CLUSTER_JS)
+
+        def run(mode: str) -> dict[str, Any]:
+            return _node_json(node, [mode, str(SIZE), str(settings["warmup"]),
+                                     str(settings["lat_count"]), str(settings["count"]),
+                                     str(settings["seconds"])], limit, script)
+
+        lat = run("lat")
+        tput = run("tput")
+    if tput["received"] != tput["sent"]:
+        raise RuntimeError(f"worker 1 sent {tput['sent']}, worker 2 received "
+                           f"{tput['received']}")
+    return {"p50_us": lat["p50_us"], "p99_us": lat["p99_us"],
+            "msgs_per_s": tput["received"] / (int(tput["elapsed_ns"]) / 1e9)}
+
+
 METHODS: dict[str, Callable[[dict[str, Any]], dict[str, float]]] = {
     "procwire py<->py": run_procwire_py,
     "mp.Pipe": run_mp_pipe,
     "node fork": run_node_fork,
     "procwire py<->node": run_procwire_node,
+    "procwire cluster relay": run_procwire_relay,
+    "node cluster relay": run_node_relay,
 }
+RELAY = ("procwire cluster relay", "node cluster relay")
 
 
 def main() -> int:
@@ -239,14 +443,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 repetition, shorter runs")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--json", default=None, help="write every measurement here")
+    ap.add_argument("--only", action="append", choices=list(METHODS), default=None,
+                    help="run only this method (repeatable)")
     args = ap.parse_args()
     reps = args.reps or (1 if args.quick else 3)
     settings = {"warmup": 500, "lat_count": 5000 if args.quick else 20000,
                 "count": 200_000 if args.quick else 1_000_000,
                 "seconds": 1.0 if args.quick else 3.0}
-    results: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
+    names = args.only or list(METHODS)
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in names}
     failed = False
-    names = list(METHODS)
     for rep in range(reps):
         order = names[rep % len(names):] + names[:rep % len(names)]  # rotate the order
         for name in order:
@@ -256,16 +462,24 @@ def main() -> int:
             except Exception as exc:
                 failed = True
                 print(f"  failed: {exc}", file=sys.stderr)
-    print(f"| method (64 B messages, median of {reps}) | RTT p50 (µs) | RTT p99 (µs) | "
-          "throughput (msgs/s) |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, runs in results.items():
-        if not runs:
-            print(f"| {name} | failed | failed | failed |")
+    for title, names_ in ((f"method (64 B messages, median of {reps})",
+                           [n for n in results if n not in RELAY]),
+                          (f"relay worker 1 -> primary -> worker 2 (64 B, median of {reps})",
+                           [n for n in results if n in RELAY])):
+        if not names_:
             continue
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"| {name} | {med['p50_us']:.1f} | {med['p99_us']:.1f} | "
-              f"{med['msgs_per_s']:,.0f} |")
+        print(f"| {title} | RTT p50 (µs) | RTT p99 (µs) | throughput (msgs/s) |")
+        print("| --- | ---: | ---: | ---: |")
+        for name in names_:
+            runs = results[name]
+            if not runs:
+                print(f"| {name} | failed | failed | failed |")
+                continue
+            med = {k: statistics.median(r[k] for r in runs) for k in ("p50_us", "p99_us",
+                                                                      "msgs_per_s")}
+            print(f"| {name} | {med['p50_us']:.1f} | {med['p99_us']:.1f} | "
+                  f"{med['msgs_per_s']:,.0f} |")
+        print()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 1 if failed else 0
