@@ -6,6 +6,8 @@ import asyncio
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -272,3 +274,14 @@ def test_a_send_loop_is_coalesced_and_a_request_reply_is_not() -> None:
             assert a.recv(timeout=5) == i
         after = a.stats()
         assert after["writes"] - burst["writes"] == 200
+
+
+def test_import_procwire_loads_the_patterns_only_when_used() -> None:
+    code = ("import sys, procwire\n"
+            "heavy = ('procwire.bus', 'procwire.queue', 'procwire.cluster', 'procwire.process')\n"
+            "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+            "procwire.Queue\n"
+            "print('procwire.queue' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.splitlines()
+    assert out == ["[]", "True"]

@@ -12,6 +12,8 @@ Blocking API here; the asyncio twin with the same names is ``procwire.aio``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     AddressError,
     AddressInUse,
@@ -37,11 +39,37 @@ from ._errors import (
 )
 from ._sync.channel import Channel, Listener, connect, listen, pipe
 from ._version import __version__
-from .bus import Bus
-from .cluster import Cluster, Message, WorkerInfo, worker
 from .codecs import Codec, get_codec
-from .process import Child, IpcChannel, parent, spawn
-from .queue import Job, Queue
+
+if TYPE_CHECKING:
+    from .bus import Bus
+    from .cluster import Cluster, Message, WorkerInfo, worker
+    from .process import Child, IpcChannel, parent, spawn
+    from .queue import Job, Queue
+
+# The patterns load on first use: a process that only needs a channel (or a worker that only
+# needs its parent's) does not pay for importing the bus, queue and cluster packages.
+_LAZY = {
+    "Bus": "bus",
+    "Cluster": "cluster", "Message": "cluster", "WorkerInfo": "cluster", "worker": "cluster",
+    "Child": "process", "IpcChannel": "process", "parent": "process", "spawn": "process",
+    "Job": "queue", "Queue": "queue",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'procwire' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 __all__ = [
     "AddressError",
