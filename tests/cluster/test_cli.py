@@ -52,3 +52,12 @@ def test_cli_bad_target(clusters: Clusters) -> None:
     out = subprocess.run([*RUN, "-n", "0", "x:y"], cwd=TESTS, env=_env(),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
+
+
+def test_cli_unimportable_target_exits_1_at_once(clusters: Clusters) -> None:
+    out = subprocess.run([*RUN, "-n", "2", "--duration", "30", "procwire_no_such_module:main"],
+                         cwd=TESTS, env=_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert "could not start procwire_no_such_module:main" in out.stderr
+    assert "ModuleNotFoundError" in out.stderr
+    assert "restarting" not in out.stderr  # not put through the crash-loop limit

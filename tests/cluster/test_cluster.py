@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -285,3 +286,54 @@ def test_command_list_target(clusters: Clusters) -> None:
     got = sorted(map(repr, collect(cluster, 4)))
     assert got == sorted(map(repr, [pc.Message(1, [1, "1"]), pc.Message(2, [2, "2"]),
                                     pc.Message(1, "plain"), pc.Message(2, "plain")]))
+
+
+def test_unimportable_target_fails_start_at_once(clusters: Clusters, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pw_broken_at_import.py").write_text(
+        "def main():\n    pass\n\nraise RuntimeError('broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target, error in [
+            ("procwire_no_such_module:main",
+             "ModuleNotFoundError: No module named 'procwire_no_such_module'"),
+            (f"{_targets.__name__}:no_such_function", "AttributeError"),
+            ("pw_broken_at_import:main", "RuntimeError: broken on purpose")]:
+        cluster = clusters(target, workers=2, max_restarts=5, stderr=subprocess.DEVNULL)
+        with pytest.raises(pc.StartFailed) as info:
+            cluster.start(timeout=30)
+        err = info.value
+        assert err.target == target and err.error.startswith(error), err
+        assert target in str(err) and error in str(err) and "cluster was stopped" in str(err)
+        assert err.worker_id in (1, 2) and err.returncode == 122
+        assert cluster.error is err
+        # failed at once: no worker went through a restart
+        assert [(w.state, w.restarts) for w in cluster.workers] == [("stopped", 0)] * 2
+        assert cluster.pids == []
+        with pytest.raises(pc.StartFailed):
+            cluster.send(1, "x")
+        with pytest.raises(pc.StartFailed):
+            cluster.wait(timeout=10)
+
+
+def test_start_failure_after_start_up_is_restarted(clusters: Clusters, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A module that breaks after the cluster started (a deploy in progress): reload() keeps
+    # the old worker and says why; a crashed worker goes through restarts up to the limit.
+    mod = tmp_path / "pw_deployed.py"
+    mod.write_text("import procwire.cluster as pc\n\ndef main():\n    w = pc.worker()\n"
+                   "    w.send('up')\n    for _ in w:\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cluster = clusters("pw_deployed:main", workers=1, max_restarts=2,
+                       stderr=subprocess.DEVNULL).start(timeout=30)
+    assert cluster.recv(timeout=10).data == "up"
+    old = cluster.pids
+    mod.write_text("raise ImportError('half-deployed, on purpose')\n")
+    with pytest.raises(pc.StartFailed) as info:
+        cluster.reload(timeout=20)
+    assert "half-deployed" in info.value.error and "old one keeps running" in str(info.value)
+    assert cluster.pids == old and cluster.workers[0].state == "running"
+    os.kill(old[0], signal.SIGKILL)
+    with pytest.raises(pc.CrashLoop) as crash:
+        cluster.wait(timeout=30)
+    assert crash.value.restarts == 3 and crash.value.returncode == 122
+    assert cluster.workers[0].restarts == 2 and cluster.pids == []

@@ -9,6 +9,9 @@ import time
 
 import procwire.process as pp
 
+#: Not a function: spawn("..._targets:VALUE") is a start failure.
+VALUE = 42
+
 
 def echo() -> None:
     """Echo every message back until the parent closes the channel."""

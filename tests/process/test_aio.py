@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import subprocess
 import sys
 from typing import Any
 
@@ -106,5 +107,17 @@ def test_async_handle_to_python_child(spawned: Spawned) -> None:
         assert (await reader.read()).startswith(b"hello from ")
         writer.close()
         assert await child.recv(timeout=10) == {"served": {"p": port}}
+
+    run(main())
+
+
+def test_async_start_failed(spawned: Spawned) -> None:
+    async def main() -> None:
+        child = await spawned.aspawn("procwire_no_such_module:main",
+                                     stderr=subprocess.DEVNULL)
+        with pytest.raises(pp.StartFailed) as info:
+            await child.recv(timeout=30)
+        assert info.value.target == "procwire_no_such_module:main"
+        assert "ModuleNotFoundError" in info.value.error and info.value.returncode == 122
 
     run(main())

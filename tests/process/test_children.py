@@ -267,3 +267,25 @@ def test_parent_death_ends_child(spawned: Spawned, tmp_path: Path) -> None:
         time.sleep(0.02)
     assert gone(gc_pid), "the grandchild did not exit when its parent died"
     assert (tmp_path / "grandchild.pid.gone").read_text() == "ConnectionClosed"
+
+
+@pytest.mark.parametrize("target, error", [
+    ("procwire_no_such_module:main", "ModuleNotFoundError: No module named "
+                                     "'procwire_no_such_module'"),
+    (f"{_targets.__name__}:no_such_function", "AttributeError"),
+    (f"{_targets.__name__}:VALUE", "TypeError"),
+])
+def test_unimportable_target_is_start_failed(spawned: Spawned, target: str, error: str) -> None:
+    child = spawned(target, stderr=subprocess.DEVNULL)
+    with pytest.raises(pp.StartFailed) as info:
+        child.recv(timeout=30)
+    err = info.value
+    assert isinstance(err, pp.ChildExited)  # still "the child exited", for older handlers
+    assert err.target == target and err.error.startswith(error)
+    assert err.returncode == 122 and err.pid == child.pid and err.worker_id is None
+    assert target in str(err) and error in str(err)
+    # an ordinary failure of the function itself is not a start failure
+    child = spawned(_targets.fail, stderr=subprocess.DEVNULL)
+    with pytest.raises(pp.ChildExited) as info2:
+        child.recv(timeout=30)
+    assert not isinstance(info2.value, pp.StartFailed) and info2.value.returncode != 122

@@ -20,8 +20,8 @@ See docs/cluster.md.
 from __future__ import annotations
 
 from ._cluster import Cluster, WorkerInfo
-from ._errors import CrashLoop
+from ._errors import CrashLoop, StartFailed
 from ._wire import Message
 from ._worker import Worker, worker
 
-__all__ = ["Cluster", "CrashLoop", "Message", "Worker", "WorkerInfo", "worker"]
+__all__ = ["Cluster", "CrashLoop", "Message", "StartFailed", "Worker", "WorkerInfo", "worker"]

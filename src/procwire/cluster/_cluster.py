@@ -29,6 +29,7 @@ from .._errors import (
 )
 from .._url import Address
 from ..process import Child, spawn
+from ..process._child import start_failed
 from ..process._launch import Target, build_argv
 from . import _wire
 from ._errors import CrashLoop
@@ -242,6 +243,7 @@ class Cluster:
         self._supervisor: threading.Thread | None = None
         self._reload_lock = threading.Lock()
         self._started = False
+        self._starting = False  # start() has not returned yet (see StartFailed)
         self._stopping = False
         self._stopped = False
         self._error: BaseException | None = None
@@ -251,11 +253,13 @@ class Cluster:
     def start(self, *, timeout: float | None = 30.0) -> Cluster:
         """Start every worker and wait until each is running (see ``ready``). ``Timeout``
         (the cluster is then stopped); ``OSError`` when the program cannot be started;
-        ``CrashLoop``. Returns the cluster."""
+        ``CrashLoop``; ``StartFailed`` at once when a worker cannot import its target
+        (``"pkg.mod:func"`` or a function: a missing module or name, an error at import),
+        which restarting would not cure. Returns the cluster."""
         with self._lock:
             if self._started:
                 raise ProcwireError("this cluster was already started")
-            self._started = True
+            self._started = self._starting = True
         _live.add(self)
         try:
             self._open_listener()
@@ -268,6 +272,9 @@ class Cluster:
         except BaseException:
             self.stop(timeout=1.0)
             raise
+        finally:
+            with self._lock:
+                self._starting = False
         return self
 
     def _open_listener(self) -> None:
@@ -560,11 +567,25 @@ class Cluster:
         if not is_current:
             return None  # replaced by reload(), or already being stopped
         rc = proc.returncode
+        start_error = proc.child.channel.start_error
         with self._cond:
             try:
                 if self._stopping:
                     slot.state = "stopped"
                     return None
+                if start_error is not None and rc is not None:
+                    if self._starting:
+                        # A target that cannot be imported will not import on a retry:
+                        # fail start() now rather than crash-loop into the limit.
+                        self._error = start_failed(f"worker {slot.id}", start_error, rc,
+                                                   proc.pid, slot.id,
+                                                   "; the cluster was stopped")
+                        log.error("procwire cluster: %s", self._error)
+                        slot.state = "stopped"
+                        return None
+                    # After start-up (a deploy in progress?): restarted like any failure.
+                    log.error("procwire cluster: worker %d could not start %s: %s",
+                              slot.id, *start_error)
                 if self.restart == "never" or (self.restart == "on-failure" and rc == 0):
                     log.info("procwire cluster: worker %d (pid %d) exited with %s; not "
                              "restarted (restart=%r)", slot.id, proc.pid, rc, self.restart)
@@ -700,6 +721,11 @@ class Cluster:
                 self._cleanup(new)
                 if self._error is not None:
                     raise self._error
+                start_error = new.child.channel.start_error
+                if died and start_error is not None and new.returncode is not None:
+                    raise start_failed(f"reload: the new worker {slot.id}", start_error,
+                                       new.returncode, new.pid, slot.id,
+                                       "; the old one keeps running")
                 if died:
                     raise ProcwireError(f"reload: the new worker {slot.id} exited with "
                                         f"{new.returncode} before it was ready; the old one "

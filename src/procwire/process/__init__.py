@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ._channel import IpcChannel
 from ._child import Child, parent, spawn
-from ._errors import ChildExited, NoParentChannel
+from ._errors import ChildExited, NoParentChannel, StartFailed
 from ._node import MAX_HANDLE_MESSAGE, is_internal
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "ChildExited",
     "IpcChannel",
     "NoParentChannel",
+    "StartFailed",
     "is_internal",
     "parent",
     "spawn",

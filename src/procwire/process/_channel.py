@@ -78,6 +78,8 @@ class IpcChannel:
         # descriptor has to travel with the first byte of its own line.
         self._slock = threading.Lock()
         self._closed = False
+        #: ``(target, error)`` when the peer said it could not start (see ``StartFailed``).
+        self.start_error: tuple[str, str] | None = None
 
     @property
     def local_address(self) -> str:
@@ -195,6 +197,8 @@ class IpcChannel:
                 return item, None
             assert self._wire is not None
             action = node.receive(item, self._wire.fds.pop)
+            if action.start_error is not None:
+                self.start_error = action.start_error
             if action.reply is not None:
                 self._reply(action.reply, action.resend_fd)
             if action.deliver:

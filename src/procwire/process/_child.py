@@ -17,7 +17,7 @@ from ..protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from ..transports.base import DEFAULT_INBOX, DEFAULT_WRITE_BUFFER, TransportOptions
 from ..transports.stdio import _take_stdio, open_pipes
 from ._channel import IpcChannel, node_stream
-from ._errors import ChildExited, NoParentChannel
+from ._errors import ChildExited, NoParentChannel, StartFailed
 from ._launch import Target, adopt_parent_fd, build_argv, launch
 
 __all__ = ["Child", "parent", "spawn"]
@@ -26,15 +26,27 @@ __all__ = ["Child", "parent", "spawn"]
 EXIT_GRACE = 1.0
 
 
-def exited_error(proc: subprocess.Popen[bytes], exc: ConnectionClosed,
-                 returncode: int | None) -> ConnectionClosed:
+def exited_error(proc: subprocess.Popen[bytes], exc: ConnectionClosed, returncode: int | None,
+                 start_error: tuple[str, str] | None = None) -> ConnectionClosed:
     if returncode is None:
         return exc
-    how = (f"was killed by {_signame(-returncode)}" if returncode < 0
-           else f"exited with code {returncode}")
-    err = ChildExited(f"child {proc.pid} {how}", returncode=returncode, pid=proc.pid)
+    err: ChildExited
+    if start_error is not None:
+        err = start_failed(f"child {proc.pid}", start_error, returncode, proc.pid)
+    else:
+        how = (f"was killed by {_signame(-returncode)}" if returncode < 0
+               else f"exited with code {returncode}")
+        err = ChildExited(f"child {proc.pid} {how}", returncode=returncode, pid=proc.pid)
     err.__cause__ = exc
     return err
+
+
+def start_failed(who: str, start_error: tuple[str, str], returncode: int, pid: int,
+                 worker_id: int | None = None, tail: str = "") -> StartFailed:
+    target, error = start_error
+    return StartFailed(f"{who} could not start {target}: {error} (exit status {returncode}; "
+                       f"the traceback is on its stderr){tail}", returncode=returncode,
+                       pid=pid, target=target, error=error, worker_id=worker_id)
 
 
 def _signame(num: int) -> str:
@@ -107,7 +119,7 @@ class Child:
             rc: int | None = self._proc.wait(EXIT_GRACE)
         except subprocess.TimeoutExpired:
             rc = None  # it closed the channel and goes on running
-        return exited_error(self._proc, exc, rc)
+        return exited_error(self._proc, exc, rc, self.channel.start_error)
 
     def __iter__(self) -> Iterator[Any]:
         while True:

@@ -26,6 +26,8 @@ CHANNEL_ENV = "NODE_CHANNEL_FD"
 MODE_ENV = "NODE_CHANNEL_SERIALIZATION_MODE"
 #: Set to "stdio" in a child started with ``channel="stdio"``, so its ``parent()`` knows.
 PROCWIRE_ENV = "PROCWIRE_CHANNEL"
+#: Exit status of a ``spawn(fn)`` child whose function could not be imported (see ``_boot``).
+START_FAILED = 122
 
 _BOOT = ("import sys,json;sys.path[:0]=json.loads(sys.argv[1]);"
          "from procwire.process._boot import main;main()")

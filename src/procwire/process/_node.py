@@ -9,6 +9,10 @@ machinery ('internalMessage'), never to ``process.on('message')``. The ones that
   ``{"cmd": "NODE_HANDLE_ACK"}``, or ``{"cmd": "NODE_HANDLE_NACK"}`` when no descriptor came;
   a NACK makes the sender retransmit (up to 3 times). Node's sender queues *every* later message
   until the ACK arrives, so a receiver that never answers stalls the channel.
+* ``{"cmd": "NODE_PROCWIRE_START_FAILED", "target": ..., "error": ...}`` is procwire's own: the
+  last line of a ``spawn(fn)`` child whose function could not be imported. It is named in
+  Node's internal namespace so that every receiver, procwire's or Node's, keeps it from user
+  code; the channel records it (``start_error``) for the ``StartFailed`` it raises at exit.
 * Anything else (``NODE_CLUSTER``, ``NODE_SOCKET_*``...) is dropped here: procwire speaks none of
   Node's cluster or socket-list sub-protocols.
 
@@ -27,10 +31,12 @@ from typing import Any
 
 from .._errors import EncodeError, MessageTooLarge
 
-__all__ = ["MAX_HANDLE_MESSAGE", "HandleProtocol", "is_internal", "make_handle_message"]
+__all__ = ["MAX_HANDLE_MESSAGE", "START_FAILED_CMD", "HandleProtocol", "is_internal",
+           "make_handle_message"]
 
 log = logging.getLogger("procwire.process")
 
+START_FAILED_CMD = "NODE_PROCWIRE_START_FAILED"
 ACK: dict[str, Any] = {"cmd": "NODE_HANDLE_ACK"}
 NACK: dict[str, Any] = {"cmd": "NODE_HANDLE_NACK"}
 #: A message sent with a handle must arrive in the same read as its descriptor (Node reads at
@@ -106,6 +112,7 @@ class Action:
 
     ``deliver``: hand ``message`` (and ``handle``) to the user. ``reply``: send ``reply`` (an
     ACK/NACK). ``resend``: send ``reply`` again with descriptor ``fd`` attached.
+    ``start_error``: the peer could not start (``(target, error)``), keep it for its exit.
     """
 
     deliver: bool = False
@@ -113,6 +120,7 @@ class Action:
     handle: socket.socket | None = None
     reply: dict[str, Any] | None = None
     resend_fd: int | None = None
+    start_error: tuple[str, str] | None = None
 
 
 class HandleProtocol:
@@ -165,6 +173,8 @@ class HandleProtocol:
                             _MAX_RETRANSMISSIONS)
                 return Action()
             return Action(reply=item.message, resend_fd=item.fd)
+        if cmd == START_FAILED_CMD:
+            return Action(start_error=(str(msg.get("target")), str(msg.get("error"))))
         return Action()  # Node's cluster / socket-list messages: not ours to answer
 
     def close(self) -> None:

@@ -57,6 +57,7 @@ class IpcChannel:
         self._node = HandleProtocol() if self._handles is not None else None
         self._inbox: deque[Any] = deque()
         self._closed = False
+        self.start_error: tuple[str, str] | None = None
 
     @property
     def local_address(self) -> str:
@@ -121,6 +122,8 @@ class IpcChannel:
                 return item, None
             assert self._handles is not None
             action = self._node.receive(item, self._handles.fds.pop)
+            if action.start_error is not None:
+                self.start_error = action.start_error
             if action.reply is not None:
                 await self._reply(action.reply, action.resend_fd)
             if action.deliver:
@@ -256,7 +259,7 @@ class Child:
             rc: int | None = await _wait_exit(self._proc, EXIT_GRACE)
         except Timeout:
             rc = None
-        return exited_error(self._proc, exc, rc)
+        return exited_error(self._proc, exc, rc, self.channel.start_error)
 
     def __aiter__(self) -> Child:
         return self
