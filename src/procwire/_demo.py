@@ -8,6 +8,7 @@ the event bus and a work queue. Nothing needs to be installed or started by hand
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -223,22 +224,15 @@ def run_demo(json_out: bool = False, burst: int = 20000) -> bool:
     parts = []
     with tempfile.TemporaryDirectory(prefix="procwire-demo-") as folder:
         for name, fn in DEMOS:
-            with console.status(f"{name} ..."):
-                try:
-                    row = fn(folder, burst)
-                    row["ok"] = row.get("received") == row.get("sent") or name == "udp"
-                except Exception as exc:
-                    row = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            row = _attempt(console, name, functools.partial(fn, folder, burst))
+            if "error" not in row:
+                row["ok"] = row.get("received") == row.get("sent") or name == "udp"
             row["transport"] = name
             rows.append(row)
         if not json_out:
             _print_transports(console, rows)
         for name, tour_fn in TOURS:
-            with console.status(f"{name} ..."):
-                try:
-                    part = tour_fn(folder)
-                except Exception as exc:
-                    part = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            part = _attempt(console, name, functools.partial(tour_fn, folder))
             part["part"] = name
             parts.append(part)
     if json_out:
@@ -257,6 +251,15 @@ def run_demo(json_out: bool = False, burst: int = 20000) -> bool:
                       "one here, stopped at the end); the queue is one SQLite file. Read "
                       "docs/processes.md, cluster.md, bus.md and queue.md.")
     return all(r["ok"] for r in rows) and all(p["ok"] for p in parts)
+
+
+def _attempt(console: Any, name: str, call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one part of the demo; a failure becomes that part's row, the others still run."""
+    with console.status(f"{name} ..."):
+        try:
+            return call()
+        except Exception as exc:
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _print_transports(console: Any, rows: list[dict[str, Any]]) -> None:
