@@ -12,6 +12,7 @@ import procwire.process as pp
 def main() -> None:
     ch = pp.parent()
     ch.send({"ready": True})
+    held: list[socket.socket] = []  # connections a Node server passed on ("hold")
     while True:
         try:
             msg, handle = ch.recv_with_handle(timeout=30)
@@ -31,6 +32,16 @@ def main() -> None:
                 port = srv.getsockname()[1]
                 ch.send({"port": port}, handle=srv)
             ch.send({"gave": port})
+        elif cmd == "hold":
+            assert isinstance(handle, socket.socket), handle
+            held.append(handle)
+            ch.send({"held": len(held)})
+        elif cmd == "drop":
+            for conn in held:
+                with conn:
+                    conn.sendall(b"bye")
+            ch.send({"dropped": len(held)})
+            held.clear()
         elif cmd == "nan":
             try:
                 ch.send({"x": float("nan")})

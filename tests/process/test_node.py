@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -29,11 +30,11 @@ VALUES = [
 ECHO = str(NODE_DIR / "echo_child.js")
 
 
-def test_node_parent_forks_python_child(node: str) -> None:
-    # fork('py_child.py', [], {execPath: python}) in Node; the child uses procwire.parent().
+def run_node_parent(node: str, script: str) -> Any:
+    """Run a Node script that fork()s tests/process/py_child.py; its one JSON line of output."""
     env = dict(os.environ, PYTHONPATH=SRC)
     env.pop("NODE_CHANNEL_FD", None)
-    proc = subprocess.Popen([node, str(NODE_DIR / "fork_python.js"), sys.executable,
+    proc = subprocess.Popen([node, str(NODE_DIR / script), sys.executable,
                              str(HERE / "py_child.py")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, start_new_session=True)
     try:
@@ -43,10 +44,22 @@ def test_node_parent_forks_python_child(node: str) -> None:
             os.killpg(proc.pid, signal.SIGKILL)  # Node and its Python child
             proc.wait()
     assert proc.returncode == 0, err.decode()
-    result = json.loads(out)
+    return json.loads(out)
+
+
+def test_node_parent_forks_python_child(node: str) -> None:
+    # fork('py_child.py', [], {execPath: python}) in Node; the child uses procwire.parent().
+    result = run_node_parent(node, "fork_python.js")
     assert result == {"ok": True, "echoed": 6, "nodeToPython": result["nodeToPython"],
                       "pythonToNode": "hello from node", "exitCode": 0}
     assert result["nodeToPython"].startswith("hello from python")
+
+
+def test_node_server_passes_connections_to_python_child(node: str) -> None:
+    # Node's socket list: getConnections() counts the child's sockets, close(cb) waits for them.
+    result = run_node_parent(node, "socket_list_python.js")
+    assert result == {"ok": True, "connections": 2, "closedWhileHeld": False,
+                      "closedAfterDrop": True, "clients": ["bye", "bye"], "exitCode": 0}
 
 
 def test_node_child_echo(node: str, spawned: Spawned) -> None:

@@ -71,7 +71,7 @@ class IpcChannel:
         self._codec = codec
         stream.set_converter(codec.fast_decode, codec.decode)
         stream.set_encoder(codec.encode)
-        self._node = HandleProtocol() if wire is not None else None
+        self._node = HandleProtocol(self._send_internal) if wire is not None else None
         self._inbox: deque[Any] = deque()
         self._rlock = threading.Lock()
         # Ordinary sends and handle sends must not interleave on the wire: a handle's
@@ -204,6 +204,11 @@ class IpcChannel:
             if action.deliver:
                 return action.message, action.handle
             item = self._next(remaining(deadline))
+
+    def _send_internal(self, msg: dict[str, Any]) -> None:
+        # From any thread (a received socket being closed): Node's socket-list answers.
+        if not self._closed:
+            self._reply(msg, None)
 
     def _reply(self, reply: dict[str, Any], fd: int | None) -> None:
         # An ACK must not fail the user's recv(): a peer that is gone shows up on the next call.

@@ -13,8 +13,16 @@ machinery ('internalMessage'), never to ``process.on('message')``. The ones that
   last line of a ``spawn(fn)`` child whose function could not be imported. It is named in
   Node's internal namespace so that every receiver, procwire's or Node's, keeps it from user
   code; the channel records it (``start_error``) for the ``StartFailed`` it raises at exit.
-* Anything else (``NODE_CLUSTER``, ``NODE_SOCKET_*``...) is dropped here: procwire speaks none of
-  Node's cluster or socket-list sub-protocols.
+* Node's socket list (``lib/internal/socket_list.js``): a connection a Node ``net.Server``
+  accepted and passed on carries ``"key"`` (the server's connection key) in its ``NODE_HANDLE``
+  line, and the sender keeps asking the receiver about such sockets: ``NODE_SOCKET_GET_COUNT``
+  (answered ``{"cmd": "NODE_SOCKET_COUNT", "key": k, "count": n}`` with how many of them are still
+  open here; this is what the parent's ``server.getConnections()`` adds up) and
+  ``NODE_SOCKET_NOTIFY_CLOSE`` (answered ``NODE_SOCKET_ALL_CLOSED`` once none is open any more;
+  the parent's ``server.close()`` callback waits for it). A received socket counts as open until
+  it is closed, detached or garbage-collected.
+* Anything else (``NODE_CLUSTER``...) is dropped here: procwire does not speak Node's cluster
+  sub-protocol.
 
 ``HandleProtocol`` decides what to do with each decoded message; the blocking and asyncio
 channels do the I/O it asks for.
@@ -25,7 +33,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,15 +134,86 @@ class Action:
     start_error: tuple[str, str] | None = None
 
 
+class _CountedSocket(socket.socket):
+    """A connection a Node server passed on, counted in Node's socket list until it closes."""
+
+    __slots__ = ("_pw_release",)
+
+    _pw_release: Callable[[], None] | None
+
+    def _real_close(self) -> None:  # type: ignore[override]
+        try:
+            super()._real_close()  # type: ignore[misc]
+        finally:
+            self._pw_released()
+
+    def detach(self) -> int:
+        # The descriptor leaves our sight: count the socket as gone from here.
+        try:
+            return super().detach()
+        finally:
+            self._pw_released()
+
+    def _pw_released(self) -> None:
+        release, self._pw_release = self._pw_release, None
+        if release is not None:
+            release()
+
+
 class HandleProtocol:
-    """Per-channel state for handle passing: sent handles awaiting their ACK.
+    """Per-channel state for handle passing: sent handles awaiting their ACK, and the received
+    sockets Node's socket list asks about.
 
     ``receive(msg, take_fd)`` classifies one decoded message; ``take_fd()`` returns the next
-    descriptor the wire received (or None).
+    descriptor the wire received (or None). ``later(msg)``, given by the channel, sends an
+    internal message at any time from any thread (the ``NODE_SOCKET_ALL_CLOSED`` that a socket's
+    close owes a waiting Node parent); it must not block on the channel's send lock when called
+    from a garbage collection, so that path hands it to a short thread.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, later: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._unacked: deque[_Unacked] = deque()
+        self._later = later
+        self._lock = threading.Lock()
+        self._open: dict[str | int, int] = {}     # socket-list key -> received sockets open
+        self._waiting: dict[str | int, int] = {}  # key -> NODE_SOCKET_NOTIFY_CLOSE unanswered
+
+    def _count(self, key: str | int, fd: int) -> socket.socket:
+        sock = _CountedSocket(fileno=fd)
+        done = threading.Event()  # set once: close, detach and finalizer race harmlessly
+
+        def release(from_gc: bool = False) -> None:
+            with self._lock:
+                if done.is_set():
+                    return
+                done.set()
+                left = self._open[key] = self._open.get(key, 1) - 1
+                owed = self._waiting.pop(key, 0) if left <= 0 else 0
+                if left <= 0:
+                    del self._open[key]
+            if owed and self._later is not None:
+                msgs = [{"cmd": "NODE_SOCKET_ALL_CLOSED", "key": key}] * owed
+                if from_gc:
+                    threading.Thread(target=self._send_all, args=(msgs,), daemon=True,
+                                     name="procwire-socket-list").start()
+                else:
+                    self._send_all(msgs)
+
+        sock._pw_release = release
+        weakref.finalize(sock, release, True)
+        with self._lock:
+            self._open[key] = self._open.get(key, 0) + 1
+        return sock
+
+    def _send_all(self, msgs: list[dict[str, Any]]) -> None:
+        assert self._later is not None
+        for msg in msgs:
+            self._later(msg)
+
+    def open_sockets(self, key: str | int) -> int:
+        """How many sockets received under socket-list ``key`` are still open."""
+        with self._lock:
+            return self._open.get(key, 0)
 
     def sent(self, message: dict[str, Any], fd: int) -> None:
         """A handle went out: keep a duplicate of its descriptor until the ACK."""
@@ -151,7 +233,11 @@ class HandleProtocol:
                             "asking the sender to retransmit")
                 return Action(reply=NACK)
             try:
-                handle = socket.socket(fileno=fd)
+                key = _list_key(msg)
+                if key is not None and msg.get("type") == "net.Socket":
+                    handle = self._count(key, fd)
+                else:
+                    handle = socket.socket(fileno=fd)
             except OSError as exc:
                 _close(fd)
                 log.warning("procwire: received descriptor is not a socket: %s", exc)
@@ -175,11 +261,32 @@ class HandleProtocol:
             return Action(reply=item.message, resend_fd=item.fd)
         if cmd == START_FAILED_CMD:
             return Action(start_error=(str(msg.get("target")), str(msg.get("error"))))
-        return Action()  # Node's cluster / socket-list messages: not ours to answer
+        if cmd == "NODE_SOCKET_GET_COUNT":
+            key = _list_key(msg)
+            if key is None:
+                return Action()
+            return Action(reply={"cmd": "NODE_SOCKET_COUNT", "key": key,
+                                 "count": self.open_sockets(key)})
+        if cmd == "NODE_SOCKET_NOTIFY_CLOSE":
+            key = _list_key(msg)
+            if key is None:
+                return Action()
+            with self._lock:
+                if self._open.get(key, 0) > 0:
+                    self._waiting[key] = self._waiting.get(key, 0) + 1
+                    return Action()
+            return Action(reply={"cmd": "NODE_SOCKET_ALL_CLOSED", "key": key})
+        return Action()  # Node's cluster messages: not ours to answer
 
     def close(self) -> None:
         while self._unacked:
             _close(self._unacked.popleft().fd)
+
+
+def _list_key(msg: dict[str, Any]) -> str | int | None:
+    """The socket-list key of a message (Node's is a string), None when absent or unusable."""
+    key = msg.get("key")
+    return key if isinstance(key, (str, int)) and not isinstance(key, bool) else None
 
 
 def _close(fd: int) -> None:

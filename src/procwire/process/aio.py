@@ -54,7 +54,9 @@ class IpcChannel:
         stream.set_converter(codec.fast_decode, codec.decode)
         stream.set_encoder(codec.encode)
         self._handles = stream if isinstance(stream, AsyncHandleStream) else None
-        self._node = HandleProtocol() if self._handles is not None else None
+        self._node = HandleProtocol(self._send_internal) if self._handles is not None else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._internal_tasks: set[asyncio.Task[None]] = set()
         self._inbox: deque[Any] = deque()
         self._closed = False
         self.start_error: tuple[str, str] | None = None
@@ -121,6 +123,7 @@ class IpcChannel:
             if self._node is None or type(item) is not dict:
                 return item, None
             assert self._handles is not None
+            self._loop = asyncio.get_running_loop()
             action = self._node.receive(item, self._handles.fds.pop)
             if action.start_error is not None:
                 self.start_error = action.start_error
@@ -128,6 +131,23 @@ class IpcChannel:
                 await self._reply(action.reply, action.resend_fd)
             if action.deliver:
                 return action.message, action.handle
+
+    def _send_internal(self, msg: dict[str, Any]) -> None:
+        # From any thread (a received socket being closed): Node's socket-list answers go out
+        # on the loop that received the socket.
+        loop = self._loop
+        if loop is None or self._closed:
+            return
+
+        def start() -> None:
+            task = loop.create_task(self._reply(msg, None))
+            self._internal_tasks.add(task)
+            task.add_done_callback(self._internal_tasks.discard)
+
+        try:
+            loop.call_soon_threadsafe(start)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            log.debug("procwire: could not answer %s: event loop closed", msg.get("cmd"))
 
     async def _reply(self, reply: dict[str, Any], fd: int | None) -> None:
         try:
