@@ -156,8 +156,9 @@ def bench(ctx: typer.Context,
           only: Annotated[list[str] | None, typer.Option(
               "--only", help="Glob of a method or test to run (repeatable), e.g. 'procwire_*'.")]
           = None) -> None:
-    """Measure procwire's channels against raw sockets, pipes, multiprocessing, pyzmq and Node
-    fork() IPC in one run, and print the tables and target ratios (benchmarks/README.md)."""
+    """Measure procwire's channels (unix, tcp, tls, udp) against raw sockets, pipes,
+    multiprocessing, pyzmq and Node fork() IPC in one run, and print the tables and target
+    ratios (benchmarks/README.md)."""
     from .bench import channels
 
     argv: list[str] = []

@@ -173,6 +173,10 @@ METHODS: tuple[Method, ...] = (
         "procwire UNIX, json codec",
     ),
     Method("procwire_tcp", "procwire TCP, raw codec", _ALL),
+    Method("raw_tls", "raw TLS socket (ssl module, NODELAY)", _ALL),
+    Method("procwire_tls", "procwire TLS, raw codec", _ALL),
+    Method("raw_udp", "raw UDP datagrams (lat only)", ("lat_64",)),
+    Method("procwire_udp", "procwire UDP, raw codec (lat only)", ("lat_64",)),
 )
 _METHODS_BY_KEY = {m.key: m for m in METHODS}
 
@@ -251,6 +255,22 @@ RATIOS: tuple[RatioSpec, ...] = (
     _ratio(
         "64 B RTT p50: procwire TCP / raw TCP",
         "p50_us", "lat_64", "procwire_tcp", "raw_tcp",
+    ),
+    _ratio(
+        "64 B msg/s: procwire TLS / raw TLS socket",
+        "msgs_per_s", "tput_64", "procwire_tls", "raw_tls",
+    ),
+    _ratio(
+        "1 MiB MB/s: procwire TLS / raw TLS socket",
+        "mb_per_s", f"tput_{MiB}", "procwire_tls", "raw_tls",
+    ),
+    _ratio(
+        "64 B RTT p50: procwire TLS / raw TLS socket",
+        "p50_us", "lat_64", "procwire_tls", "raw_tls",
+    ),
+    _ratio(
+        "64 B RTT p50: procwire UDP / raw UDP",
+        "p50_us", "lat_64", "procwire_udp", "raw_udp",
     ),
     _ratio(
         "small dict msg/s: procwire UNIX json / raw UNIX + msgspec",
@@ -616,6 +636,65 @@ def _raw_socket_link(sock: socket.socket, is_dict: bool) -> _Link:
     return _msgspec_link(raw) if is_dict else raw
 
 
+def _tls_sender(sock: Any) -> Callable[[Any], None]:
+    # An SSL socket has no gather write: small frames go as one record, large ones as two.
+    sendall, pack = sock.sendall, _HDR.pack
+
+    def send(payload: Any) -> None:
+        n = len(payload)
+        if n <= GATHER_MIN:
+            sendall(pack(n) + payload)
+        else:
+            sendall(pack(n))
+            sendall(payload)
+
+    return send
+
+
+def _tls_files(tmpdir: str) -> dict[str, str]:
+    """A throwaway CA and a certificate for 127.0.0.1 (trustme), written once per run."""
+    folder = Path(tmpdir) / "tls"
+    files = {"cafile": str(folder / "ca.pem"), "certfile": str(folder / "server.pem")}
+    if not folder.exists():
+        try:
+            import trustme
+        except ImportError:
+            raise _ChildFailed(
+                "the TLS rows need trustme for throwaway certificates: "
+                "pip install trustme (or procwire[bench])"
+            ) from None
+        ca = trustme.CA()
+        folder.mkdir(mode=0o700)
+        ca.cert_pem.write_to_path(files["cafile"])
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+            files["certfile"]
+        )
+    return files
+
+
+def _udp_link(sock: socket.socket, server: bool) -> _Link:
+    """One datagram per message; the server answers whoever sent the last datagram."""
+    if not server:
+        recv: Callable[[], Any] = functools.partial(sock.recv, 65536)
+        csend = sock.send
+
+        def send(payload: Any) -> None:
+            csend(payload)
+
+        return _bytes_link(send, recv)
+    peer: list[Any] = [None]
+    recvfrom, sendto = sock.recvfrom, sock.sendto
+
+    def srecv() -> bytes:
+        data, peer[0] = recvfrom(65536)
+        return data
+
+    def ssend(payload: Any) -> None:
+        sendto(payload, peer[0])
+
+    return _bytes_link(ssend, srecv)
+
+
 def _procwire() -> Any:
     # Imported by name so the benchmark keeps working (and reports an error row) while the API
     # it measures is still changing.
@@ -674,6 +753,32 @@ def _open_server(
         stack.callback(sock.close)
         _tune_socket(sock, s.op_timeout, tcp)
         return _raw_socket_link(sock, spec.is_dict)
+    if method == "raw_tls":
+        import ssl
+
+        sctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        sctx.load_cert_chain(res["certfile"])
+        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stack.callback(lsock.close)
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        lsock.settimeout(s.setup_timeout)
+        announce(lsock.getsockname()[1])
+        plain, _ = lsock.accept()
+        stack.callback(plain.close)
+        plain.settimeout(s.setup_timeout)
+        tsock = sctx.wrap_socket(plain, server_side=True)
+        stack.callback(tsock.close)
+        _tune_socket(tsock, s.op_timeout, True)
+        reader = _FrameReader(tsock.recv_into)
+        return _Link(_tls_sender(tsock), reader.recv, reader.consume)
+    if method == "raw_udp":
+        usock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stack.callback(usock.close)
+        usock.bind(("127.0.0.1", 0))
+        _tune_socket(usock, s.op_timeout, False)
+        announce(usock.getsockname()[1])
+        return _udp_link(usock, server=True)
     if method == "os_pipe":
         rfile = io.FileIO(res["r"].fileno(), "rb", closefd=False)
         reader = _FrameReader(rfile.readinto)
@@ -706,13 +811,17 @@ def _open_server(
         return _bytes_link(
             functools.partial(zsock.send, copy=copy), functools.partial(zsock.recv, copy=copy)
         )
-    if method in ("procwire_unix", "procwire_tcp"):
+    if method in ("procwire_unix", "procwire_tcp", "procwire_tls", "procwire_udp"):
         pw = _procwire()
+        opts: dict[str, Any] = {}
         if method == "procwire_unix":
             url = f"unix://{os.path.join(spec.tmpdir, spec.tag)}.sock"
+        elif method == "procwire_tls":
+            url = "tls://127.0.0.1:0"
+            opts["certfile"] = res["certfile"]
         else:
-            url = "tcp://127.0.0.1:0"
-        srv = pw.listen(url, codec="json" if spec.is_dict else "raw")
+            url = f"{method.removeprefix('procwire_')}://127.0.0.1:0"
+        srv = pw.listen(url, codec="json" if spec.is_dict else "raw", **opts)
         stack.callback(srv.close)
         announce(str(srv.address))
         ch = srv.accept(timeout=s.setup_timeout)
@@ -739,6 +848,23 @@ def _open_client(
         stack.callback(sock.close)
         _tune_socket(sock, s.op_timeout, tcp)
         return _raw_socket_link(sock, spec.is_dict)
+    if method == "raw_tls":
+        import ssl
+
+        cctx = ssl.create_default_context(cafile=res["cafile"])
+        plain = socket.create_connection(("127.0.0.1", addr), timeout=s.setup_timeout)
+        stack.callback(plain.close)
+        tsock = cctx.wrap_socket(plain, server_hostname="127.0.0.1")
+        stack.callback(tsock.close)
+        _tune_socket(tsock, s.op_timeout, True)
+        reader = _FrameReader(tsock.recv_into)
+        return _Link(_tls_sender(tsock), reader.recv, reader.consume)
+    if method == "raw_udp":
+        usock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stack.callback(usock.close)
+        usock.connect(("127.0.0.1", addr))
+        _tune_socket(usock, s.op_timeout, False)
+        return _udp_link(usock, server=False)
     if method == "os_pipe":
         send = _pipe_sender(res["w"].fileno())
         if "r" in res:
@@ -768,10 +894,11 @@ def _open_client(
         return _bytes_link(
             functools.partial(zsock.send, copy=copy), functools.partial(zsock.recv, copy=copy)
         )
-    if method in ("procwire_unix", "procwire_tcp"):
+    if method in ("procwire_unix", "procwire_tcp", "procwire_tls", "procwire_udp"):
         pw = _procwire()
         codec = "json" if spec.is_dict else "raw"
-        ch = pw.connect(addr, codec=codec, timeout=s.setup_timeout)
+        opts = {"cafile": res["cafile"]} if method == "procwire_tls" else {}
+        ch = pw.connect(addr, codec=codec, timeout=s.setup_timeout, **opts)
         stack.callback(ch.close)
         recv = functools.partial(ch.recv, timeout=s.op_timeout)
         return _dict_link(ch.send, recv) if spec.is_dict else _bytes_link(ch.send, recv)
@@ -882,8 +1009,12 @@ def _linger(ctl: Connection, spec: _Spec) -> None:
     Here, with libzmq 4.3.5, about one run in three lost the tail of the stream (end marker
     included) when the PUSH socket was closed right after its last send, whatever LINGER said;
     the PULL side was still at its receive high-water mark then.
+
+    A raw TLS 1.3 producer never reads the session tickets the server sends after the
+    handshake; closing a socket with unread input makes the kernel send a reset, which throws
+    away what the consumer has not read yet. It too waits until the consumer is done.
     """
-    if spec.method.startswith("zmq") and not spec.is_latency:
+    if spec.method.startswith(("zmq", "raw_tls")) and not spec.is_latency:
         kind, _ = _wait_msg(ctl, spec.settings.measurement_timeout())
         if kind != "close":
             raise RuntimeError(f"unexpected control message {kind!r}")
@@ -958,6 +1089,9 @@ def _resources(
     if method == "mp_pipe":
         a, b = ctx.Pipe()
         return {"conn": a}, {"conn": b}, [a.close, b.close]
+    if method in ("raw_tls", "procwire_tls"):
+        files = _tls_files(spec.tmpdir)
+        return {"cafile": files["cafile"]}, {"certfile": files["certfile"]}, []
     if method == "mp_queue":
         q1 = ctx.Queue()
         if not lat:
