@@ -6,7 +6,8 @@ Methods (``--only`` names):
                    subscribers on ``PubSub.listen()`` decoding with ``json.loads``
   procwire_many    procwire ``Bus("redis://...")``: ``emit_many`` of 100 events per call,
                    subscribers iterating ``bus.subscribe("*")``
-  procwire_emit    procwire on Redis, one ``emit()`` per event (one round trip each)
+  procwire_emit    procwire on Redis, one ``emit()`` per event: queued, and pipelined by the
+                   bus's background flusher (like ioredis's automatic pipelining)
   broker_many      procwire ``Bus("broker:///...")`` (the local broker, the default ``Bus()``):
                    ``emit_many`` of 100 events per call (one confirmation per call)
   broker_emit      the local broker, one ``emit()`` per event (confirmed: one round trip each)
@@ -124,6 +125,8 @@ else:
         sent += 1
         time.sleep(0.001)
 emit("end", {})
+if method != "raw_redis":
+    bus.close()  # on Redis: returns once the flusher has published everything queued
 print(json.dumps({"sent": sent, "t0": t0}), flush=True)
 """
 
