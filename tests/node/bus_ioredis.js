@@ -1,7 +1,9 @@
 // A Node peer on a procwire Redis bus, using ioredis and the {event, data} JSON envelope.
 // Usage: node bus_ioredis.js REDIS_URL CHANNEL
 // Prints "ready" once subscribed, then: publishes node.hello; answers py.ping with node.pong;
-// answers requests for "node.add" on CHANNEL:request:node.add (replying on reply_to);
+// answers requests for "node.add" on its own channel CHANNEL:request:node.add:<id> (a
+// requester finds it with PUBSUB CHANNELS CHANNEL:request:node.add:* and publishes each
+// request to one responder), replying on reply_to;
 // exits on py.quit (and after 20 s in any case, so a failed test never leaves it running).
 "use strict";
 const { Redis } = require("ioredis");
@@ -9,7 +11,7 @@ const { Redis } = require("ioredis");
 const [url, channel] = process.argv.slice(2);
 const sub = new Redis(url, { lazyConnect: false });
 const pub = new Redis(url);
-const requests = `${channel}:request:node.add`;
+const requests = `${channel}:request:node.add:node${process.pid}`;
 const publish = (event, data) => pub.publish(channel, JSON.stringify({ event, data }));
 const quit = (code) => {
   sub.disconnect();

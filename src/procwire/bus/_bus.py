@@ -330,7 +330,7 @@ class Bus(_BusBase):
 
         Raises ``NoResponder`` (no bus handles it), ``RemoteError`` (the handler raised; with
         its exception's type name and message) or ``procwire.Timeout``. When several buses
-        handle one name, each gets the request and the first reply wins.
+        handle one name, exactly one of them gets each request, in turn, on every backend.
         """
         check_name(name, "request name")
         self._check_usable()

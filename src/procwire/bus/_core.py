@@ -503,7 +503,7 @@ class BusCore:
     def on_reply(self, reply: dict[str, Any]) -> None:
         deliver = self._pending.pop(reply.get("id"), None)  # type: ignore[arg-type]
         if deliver is None:
-            self.replies_late += 1  # timed out already, or a second responder's answer
+            self.replies_late += 1  # the request timed out already
         else:
             deliver(reply)
 

@@ -27,8 +27,10 @@ than ``max_message_size`` bytes) is skipped, counted in ``bad_messages`` and rep
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import random
+import re
 import socket
 import threading
 import time
@@ -73,6 +75,11 @@ DEFAULT_OUTBOX = 10_000  # events queued for the flusher before emit() waits for
 _OUTBOX_BYTES = 64 << 20  # ... or this many bytes of commands
 _PIPELINE = 4096  # most commands in one pipelined write
 _PIPELINE_BYTES = 4 << 20
+_RESPONDERS_TTL = 1.0  # how long a requester trusts its list of a name's responders
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 # One queued PUBLISH: (the RESP command, the time the flusher may retry it until (None: no
 # limit), a one-slot box for its receiver count when someone waits for it (else None)).
@@ -171,6 +178,10 @@ class RedisBackend(Backend):
         self._reply_ch = self.reply_to.encode()
         self._reply_prefix = f"{channel}:reply:"
         self._req_prefix = f"{channel}:request:".encode()
+        # this bus's request channels end with ":<bus id>": its presence as a responder
+        self._req_suffix = f":{self.bus_id}".encode()
+        self._resp_cache: dict[str, tuple[float, list[bytes]]] = {}
+        self._rr = itertools.count()
         sock_timeout = emit_timeout if emit_timeout else 5.0
         try:
             self._client = redis.Redis.from_url(
@@ -226,6 +237,7 @@ class RedisBackend(Backend):
         self.emit_failed = 0
         self.outbox_full = 0
         self.pipelines = 0
+        self.flush_errors = 0  # pipelines that failed to go out (then retried or failed)
 
     # -- subscriber connection -------------------------------------------------------------
 
@@ -379,8 +391,8 @@ class RedisBackend(Backend):
                 self._on_event(payload)
             elif ch == self._reply_ch:
                 self._on_reply(payload)
-            elif ch.startswith(self._req_prefix):
-                self._on_request(ch[len(self._req_prefix):], payload)
+            elif ch.startswith(self._req_prefix) and ch.endswith(self._req_suffix):
+                self._on_request(ch, payload)
         elif kind == b"subscribe":
             with self._lock:
                 ev = self._confirmed.get(msg[1])
@@ -425,8 +437,8 @@ class RedisBackend(Backend):
         assert self._sink is not None
         self._sink.on_event(name, env.data)
 
-    def _on_request(self, name_b: bytes, payload: bytes) -> None:
-        ch = self._req_prefix + name_b
+    def _on_request(self, ch: bytes, payload: bytes) -> None:
+        name_b = ch[len(self._req_prefix):-len(self._req_suffix)]
         if not self._check_size(ch, payload):
             return
         try:
@@ -469,14 +481,19 @@ class RedisBackend(Backend):
         so far, so that an emit followed by a request or a reply arrives in that order."""
         if self._closed:
             raise ChannelClosed("this bus is closed")
-        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._drain(timeout):
             raise Timeout(f"Redis at {self.url} did not confirm the events emitted before "
                           f"this message in {timeout} s; it was not sent")
+        return int(self._call(lambda: self._client.publish(channel, payload), timeout))
+
+    def _call(self, fn: Any, timeout: float | None) -> Any:
+        """``fn()`` (one command on the pool), retried on connection errors until
+        ``timeout``; then ``Timeout``. Never retried: auth and server errors."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.01
         while True:
             try:
-                return int(self._client.publish(channel, payload))
+                return fn()
             except redis.AuthenticationError as exc:
                 raise AuthenticationError(f"Redis at {self.url}: {exc}") from exc
             except _CONN_ERRORS as exc:
@@ -485,7 +502,7 @@ class RedisBackend(Backend):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise Timeout(f"Redis at {self.url} unreachable for {timeout} s; nothing "
-                                  f"was published ({exc})") from exc
+                                  f"was sent ({exc})") from exc
                 time.sleep(delay if left is None else min(delay, left))
                 delay = min(delay * 2, 0.25)
             except redis.RedisError as exc:
@@ -663,6 +680,7 @@ class RedisBackend(Backend):
                             results.append(exc)
                 except _ANY_ERRORS as exc:
                     error = exc
+                    self.flush_errors += 1
                     if self._flush_conn is not None:  # reconnects on its next write
                         self._flush_conn.disconnect()
                 with ocond:
@@ -743,14 +761,45 @@ class RedisBackend(Backend):
         limit = self._out[0][1]
         return 3600.0 if limit is None else max(0.0, limit - now)
 
+    def _responders(self, name: str, timeout: float | None) -> list[bytes]:
+        """The request channels of the buses handling ``name`` now (one per bus)."""
+        prefix = self._req_prefix + name.encode() + b":"
+        pattern = re.sub(rb"([\\*?\[\]])", rb"\\\1", prefix) + b"*"
+        found = self._call(lambda: self._client.pubsub_channels(pattern), timeout)
+        # "<channel>:request:a:*" also matches the channels of a name "a:b": a bus id has no ":"
+        chans = sorted(c for c in found if b":" not in c[len(prefix):])
+        if len(self._resp_cache) >= 1024:  # bounded: request names may be unbounded
+            self._resp_cache.clear()
+        self._resp_cache[name] = (time.monotonic(), chans)
+        return chans
+
     def request(self, name: str, request: dict[str, Any], timeout: float | None) -> int:
-        t0 = time.monotonic()
+        """Send the request to ONE bus that handles ``name``, rotating among them; 0 when none
+        does. The list of responders is cached for ``_RESPONDERS_TTL``; a responder that
+        has gone (PUBLISH counts 0 receivers) is skipped and the list fetched again."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._up.wait(timeout):
             raise Timeout(f"Redis at {self.url} unreachable for {timeout} s; the request was "
                           "not sent")
-        if timeout is not None:
-            timeout = max(0.0, timeout - (time.monotonic() - t0))
-        return self._publish(self._req_prefix + name.encode(), self._encode(request), timeout)
+        payload = self._encode(request)
+        cached = self._resp_cache.get(name)
+        if cached is None or not cached[1] or time.monotonic() - cached[0] > _RESPONDERS_TTL:
+            chans, fresh = self._responders(name, _left(deadline)), True
+        else:
+            chans, fresh = cached[1], False
+        tried: set[bytes] = set()
+        while True:
+            start = next(self._rr)
+            for k in range(len(chans)):
+                ch = chans[(start + k) % len(chans)]
+                if ch in tried:
+                    continue
+                tried.add(ch)
+                if self._publish(ch, payload, _left(deadline)) > 0:
+                    return 1
+            if fresh:
+                return 0
+            chans, fresh = self._responders(name, _left(deadline)), True
 
     def reply(self, reply_to: str, reply: dict[str, Any], timeout: float | None) -> None:
         self._publish(reply_to.encode(), self._encode(reply), timeout)
@@ -766,7 +815,7 @@ class RedisBackend(Backend):
                 pass  # the reader reconnects and subscribes to every channel again
 
     def add_responder(self, name: str, timeout: float | None) -> None:
-        ch = self._req_prefix + name.encode()
+        ch = self._req_prefix + name.encode() + self._req_suffix
         with self._lock:
             self._channels.add(ch)
             ev = self._confirmed.setdefault(ch, threading.Event())
@@ -776,7 +825,7 @@ class RedisBackend(Backend):
                           f"{timeout} s")
 
     def remove_responder(self, name: str, timeout: float | None) -> None:
-        ch = self._req_prefix + name.encode()
+        ch = self._req_prefix + name.encode() + self._req_suffix
         with self._lock:
             self._channels.discard(ch)
             self._confirmed.pop(ch, None)
@@ -789,7 +838,8 @@ class RedisBackend(Backend):
                 "bad_messages": self.bad_messages, "published": self.published,
                 "unheard": self.unheard, "emit_failed": self.emit_failed,
                 "outbox": len(self._out), "outbox_max": self.outbox_max,
-                "outbox_full": self.outbox_full, "pipelines": self.pipelines}
+                "outbox_full": self.outbox_full, "pipelines": self.pipelines,
+                "flush_errors": self.flush_errors}
 
     def close(self, timeout: float | None) -> None:
         """Flush the outbox (up to ``timeout``), stop the threads, disconnect; then raise what
