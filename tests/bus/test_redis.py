@@ -437,9 +437,14 @@ def test_async_bus_pipelined_emit_flush_and_failure(redis_server: Any) -> None:
             await a.emit("x", "lost")
             with pytest.raises(procwire.Timeout, match=r"^1 emitted event"):
                 await a.flush(timeout=5)
+            # an emit queued from the loop keeps its timeout: it outlives a short outage
+            await a.emit("x", "kept", timeout=10)
+            await asyncio.sleep(0.5)
             redis_server.start()
+            await a.flush(timeout=10)
             await a.close()
             assert a.stats()["backend"]["emit_failed"] == 1
+            assert a.stats()["backend"]["published"] == 1002
 
     asyncio.run(asyncio.wait_for(main(), 60))
 

@@ -62,9 +62,10 @@ class Backend(ABC):
         confirmed: Redis pipelines emits). ``timeout`` bounds the wait for the medium (or for
         room in an outbox); errors are raised, never swallowed."""
 
-    def publish_nowait(self, name: str, data: Any) -> int | None:
+    def publish_nowait(self, name: str, data: Any, timeout: float | None) -> int | None:
         """``publish`` if it can be done without blocking (the asyncio bus calls it on the
-        loop); None: it cannot, call ``publish`` on a worker thread. Default: None."""
+        loop; ``timeout`` still bounds the delivery of a queued event); None: it cannot,
+        call ``publish`` on a worker thread. Default: None."""
         return None
 
     def publish_confirmed(self, name: str, data: Any, timeout: float | None) -> int:

@@ -543,7 +543,7 @@ class AsyncBus(_BusBase):
         if confirm:
             n = await self._io(self._backend.publish_confirmed, event, data, t)
         else:
-            n = self._backend.publish_nowait(event, data)
+            n = self._backend.publish_nowait(event, data, t)
             if n is None:
                 n = await self._io(self._backend.publish, event, data, t)
         self._core.emitted += 1

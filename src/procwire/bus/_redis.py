@@ -3,21 +3,28 @@
 Wire format (what a Node process with ioredis speaks to join):
 
 * events: ``PUBLISH <channel> {"event": name, "data": data}`` (JSON; ``data`` may be absent);
-* requests: ``PUBLISH <channel>:request:<name> {"id": str, "reply_to": str, "data": ...}``; the
-  number of receivers PUBLISH returns is how ``NoResponder`` is known at once;
+* a bus handling ``name`` subscribes its own ``<channel>:request:<name>:<bus id>``: that
+  subscription is its presence (Redis drops it with the connection);
+* requests go to ONE responder: ``PUBSUB CHANNELS <channel>:request:<name>:*`` lists them
+  (cached for ``_RESPONDERS_TTL``), then ``PUBLISH <that channel> {"id": str, "reply_to": str,
+  "data": ...}``, rotating; PUBLISH counting 0 receivers means that one is gone: try the next,
+  list again once, then ``NoResponder``;
 * replies: ``PUBLISH <reply_to> {"id": str, "data": ...}`` or ``{"id": str, "error": {"type":
   str, "message": str}}``; ``reply_to`` is ``<channel>:reply:<bus id>``.
 
-Two connections: commands (PUBLISH, from any thread, through redis-py's pool) and one
-subscriber connection read by a thread. When the subscriber connection drops, the thread
+The subscriber connection is read by a thread. When the subscriber connection drops, the thread
 reconnects with backoff (50 ms doubling to ``reconnect_max``), subscribes again, and tells the
 subscribers with a ``procwire.gap`` notice saying why: ``restarted`` (a new Redis run id),
 ``dropped_by_server`` (Redis kept running but closed us: a subscriber too slow for
 ``client-output-buffer-limit pubsub``, or ``CLIENT KILL``) or ``connection_lost``.
 
-``emit`` during an outage retries until its timeout, then raises ``procwire.Timeout``: it never
-drops an event silently. (If Redis dies after receiving a PUBLISH but before answering, the
-retry can publish that event twice.)
+Three connections: the subscriber, the flusher's, and the pool (requests, replies, PUBSUB).
+``emit`` is pipelined: it queues the encoded PUBLISH in a bounded outbox and a flusher thread
+writes all that is queued in one go, then reads the confirmations (like ioredis's automatic
+pipelining). A full outbox makes ``emit`` wait up to its timeout (then ``procwire.Timeout``);
+an event the flusher cannot publish before its timeout is counted and raised by the next
+``emit``/``flush``/``close``: never dropped silently. (If Redis dies after receiving a pipeline
+but before answering, the retry can publish those events twice.)
 
 Bad input on the channel (not JSON, no ``"event"`` string, a reserved ``procwire.`` name, more
 than ``max_message_size`` bytes) is skipped, counted in ``bad_messages`` and reported as a
@@ -29,6 +36,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import os
 import random
 import re
 import socket
@@ -94,8 +102,8 @@ def _flush_at_exit() -> None:
     """At interpreter exit, publish what open buses still queue (the flusher is a daemon
     thread: it would die with events in its outbox). Failures are logged, not lost."""
     for backend in list(_live):
-        if backend._closed or not backend._out:
-            continue
+        if backend._closed or not backend._out or backend._pid != os.getpid():
+            continue  # (a forked child has the parent's outbox but not its flusher)
         try:
             backend.flush(backend.emit_timeout)
         except Exception as exc:
@@ -228,6 +236,7 @@ class RedisBackend(Backend):
         self._fail_cls: type[ProcwireError] = Timeout
         self._fail_reason = ""
         self._halt = threading.Event()  # close(): stop retrying, fail what is left
+        self._pid = os.getpid()
         self._flusher: threading.Thread | None = None
         self._flusher_idle = False
         self._closing = False
@@ -304,6 +313,7 @@ class RedisBackend(Backend):
         self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
                                          name=f"procwire-bus-redis-flush-{self.channel}")
         self._flusher.start()
+        self._pid = os.getpid()
         _live.add(self)
 
     def _reader(self, conn: Any) -> None:
@@ -572,11 +582,22 @@ class RedisBackend(Backend):
 
     def publish(self, name: str, data: Any, timeout: float | None) -> int:
         """Queue the event for the flusher; -1 (the receiver count is not known yet)."""
-        self._enqueue([self._event_command(name, data)], timeout, None)
+        cmd = self._event_command(name, data)
+        with self._olock:  # the common case in one short critical section
+            if (not self._closing and not self._fail_count and len(self._out) < self.outbox_max
+                    and self._out_bytes + len(cmd) <= _OUTBOX_BYTES):
+                self._out.append((cmd, None if timeout is None else time.monotonic() + timeout,
+                                  None))
+                self._queued += 1
+                self._out_bytes += len(cmd)
+                if self._flusher_idle:
+                    self._wake.notify()
+                return -1
+        self._enqueue([cmd], timeout, None)  # waits for room, raises a failure...
         return -1
 
-    def publish_nowait(self, name: str, data: Any) -> int | None:
-        if self._enqueue([self._event_command(name, data)], 0, None, block=False):
+    def publish_nowait(self, name: str, data: Any, timeout: float | None) -> int | None:
+        if self._enqueue([self._event_command(name, data)], timeout, None, block=False):
             return -1
         return None
 
@@ -601,9 +622,9 @@ class RedisBackend(Backend):
         deadline = None if timeout is None else time.monotonic() + timeout
         self._enqueue(cmds, timeout, box)
         self._wait_box(box, deadline, timeout)
+        with self._ocond:  # some of them (or earlier events) may have failed: say so now
+            self._raise_failure()
         if box[0] is None:
-            with self._ocond:
-                self._raise_failure()
             raise Timeout(f"events were not published to Redis at {self.url}")
 
     def _wait_box(self, box: list[Any], deadline: float | None, timeout: float | None) -> None:
