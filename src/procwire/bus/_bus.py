@@ -258,7 +258,8 @@ class Bus(_BusBase):
     def emit_many(self, events: Iterable[tuple[str, Any]], *,
                   timeout: float | None = None) -> None:
         """Publish several ``(event, data)`` pairs in order, pipelined where the backend can
-        (Redis: one round trip). Every event is checked and encoded before any is sent."""
+        (Redis: through the outbox, with the emits around it); returns once all are confirmed.
+        Every event is checked and encoded before any is sent."""
         batch = list(events)
         for name, _ in batch:
             _check_emit_name(name)
