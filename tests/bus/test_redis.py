@@ -521,3 +521,23 @@ def test_request_names_with_glob_characters_and_colons_stay_apart(redis_server: 
         b.unhandle("a:b")
         with pytest.raises(NoResponder):
             a.request("a:b", None, timeout=2)
+
+
+def test_publish_refused_by_redis_is_reported(redis_server: Any) -> None:
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        with Bus(redis_server.url, channel="acl") as a:
+            sub = a.subscribe("*", timeout=5)
+            raw.execute_command("ACL", "SETUSER", "default", "-publish")
+            try:
+                a.emit("x", 1)
+                with pytest.raises(procwire.ProtocolError,
+                                   match=r"^1 emitted event.*refused them.*NOPERM"):
+                    a.flush(timeout=5)
+            finally:
+                raw.execute_command("ACL", "SETUSER", "default", "+publish")
+            assert a.stats()["backend"]["emit_failed"] == 1
+            a.emit("x", 2)  # the connection is still good
+            assert sub.get(5).data == 2
+    finally:
+        raw.close()

@@ -382,8 +382,8 @@ class Bus(_BusBase):
         if core is not None and not core.closed:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
             try:
-                # a Redis bus may still hold queued events: give them emit_timeout
-                self.close(timeout=self.emit_timeout)
+                # a Redis bus may still hold queued events: give them emit_timeout (bounded)
+                self.close(timeout=30.0 if self.emit_timeout is None else self.emit_timeout)
             except Exception as exc:
                 log.error("closing an unclosed bus: %s", exc)
 
@@ -666,7 +666,8 @@ class AsyncBus(_BusBase):
         if core is not None and not core.closed and getattr(self, "_started", False):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
             try:
-                core.close(self.emit_timeout)  # a Redis bus may still hold queued events
+                # a Redis bus may still hold queued events: give them emit_timeout (bounded)
+                core.close(30.0 if self.emit_timeout is None else self.emit_timeout)
             except Exception as exc:
                 log.error("closing an unclosed bus: %s", exc)
 

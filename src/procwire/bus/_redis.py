@@ -111,8 +111,8 @@ def _flush_at_exit() -> None:
     for backend in list(_live):
         if backend._closed or not backend._out or backend._pid != os.getpid():
             continue  # (a forked child has the parent's outbox but not its flusher)
-        try:
-            backend.flush(backend.emit_timeout)
+        try:  # bounded even for emit_timeout=None: exit must not hang on a dead Redis
+            backend.flush(30.0 if backend.emit_timeout is None else backend.emit_timeout)
         except Exception as exc:
             log.error("procwire bus: at exit, %s", exc)
 
