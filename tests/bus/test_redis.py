@@ -541,3 +541,30 @@ def test_publish_refused_by_redis_is_reported(redis_server: Any) -> None:
             assert sub.get(5).data == 2
     finally:
         raw.close()
+
+
+def test_async_handlers_share_requests_one_each(redis_server: Any) -> None:
+    async def main() -> None:
+        async with AsyncBus(redis_server.url, channel="ah") as client, \
+                AsyncBus(redis_server.url, channel="ah") as h1, \
+                AsyncBus(redis_server.url, channel="ah") as h2:
+            calls: list[tuple[str, int]] = []
+
+            def handler(who: str) -> Any:
+                async def work(i: int) -> str:
+                    calls.append((who, i))
+                    return who
+                return work
+
+            await h1.handle("work", handler("h1"))
+            await h2.handle("work", handler("h2"))
+            replies = [await client.request("work", i, timeout=5) for i in range(60)]
+            assert sorted(i for _, i in calls) == list(range(60))  # each exactly once
+            assert {"h1", "h2"} == set(replies)
+            await h1.unhandle("work")
+            assert {await client.request("work", i, timeout=5) for i in range(5)} == {"h2"}
+            await h2.unhandle("work")
+            with pytest.raises(NoResponder):
+                await client.request("work", 0, timeout=5)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
