@@ -6,7 +6,8 @@ Methods (``--only`` names):
                    subscribers on ``PubSub.listen()`` decoding with ``json.loads``
   procwire_many    procwire ``Bus("redis://...")``: ``emit_many`` of 100 events per call,
                    subscribers iterating ``bus.subscribe("*")``
-  procwire_emit    procwire on Redis, one ``emit()`` per event (one round trip each)
+  procwire_emit    procwire on Redis, one ``emit()`` per event: queued, and pipelined by the
+                   bus's background flusher (like ioredis's automatic pipelining)
   broker_many      procwire ``Bus("broker:///...")`` (the local broker, the default ``Bus()``):
                    ``emit_many`` of 100 events per call (one confirmation per call)
   broker_emit      the local broker, one ``emit()`` per event (confirmed: one round trip each)
@@ -124,6 +125,8 @@ else:
         sent += 1
         time.sleep(0.001)
 emit("end", {})
+if method != "raw_redis":
+    bus.close()  # on Redis: returns once the flusher has published everything queued
 print(json.dumps({"sent": sent, "t0": t0}), flush=True)
 """
 
@@ -449,42 +452,37 @@ def main() -> None:
                 cells.append("-" if v is None else (fmt(v) if key == "events_per_s"
                                                     else f"{v:.0f}"))
         print(f"| {m} | " + " | ".join(cells) + " |")
-    if "raw_redis" in methods:
-        print("\nratios to raw_redis events/s (median of per-repetition ratios)\n")
-        for m in methods:
-            if m == "raw_redis":
-                continue
-            parts = []
-            for s in args.subs:
-                ratios = []
-                for rep in range(reps):
-                    a = [r.get("events_per_s") for r in rows if r["method"] == m
-                         and r["subs"] == s and r["rep"] == rep and r["mode"] == "tput"]
-                    b = [r.get("events_per_s") for r in rows if r["method"] == "raw_redis"
-                         and r["subs"] == s and r["rep"] == rep and r["mode"] == "tput"]
-                    if a and b and a[0] and b[0]:
-                        ratios.append(a[0] / b[0])
-                parts.append(f"{s} sub: {statistics.median(ratios):.2f}x" if ratios else "-")
-            print(f"- {m}: " + ", ".join(parts))
-    pairs = [("broker_many", "procwire_many"), ("broker_emit", "procwire_emit")]
-    if any(a in methods and b in methods for a, b in pairs):
-        print("\nlocal broker vs the Redis backend, events/s (median of per-repetition "
-              "ratios)\n")
-        for a_m, b_m in pairs:
-            if a_m not in methods or b_m not in methods:
-                continue
-            parts = []
-            for s in args.subs:
-                ratios = []
-                for rep in range(reps):
-                    a = [r.get("events_per_s") for r in rows if r["method"] == a_m
-                         and r["subs"] == s and r["rep"] == rep and r["mode"] == "tput"]
-                    b = [r.get("events_per_s") for r in rows if r["method"] == b_m
-                         and r["subs"] == s and r["rep"] == rep and r["mode"] == "tput"]
-                    if a and b and a[0] and b[0]:
-                        ratios.append(a[0] / b[0])
-                parts.append(f"{s} sub: {statistics.median(ratios):.2f}x" if ratios else "-")
-            print(f"- {a_m} / {b_m}: " + ", ".join(parts))
+    def ratios(a_m: str, b_m: str) -> str:
+        """events/s of a_m / b_m inside each repetition: median [min-max], per subscriber
+        count."""
+        parts = []
+        for s in args.subs:
+            found = []
+            for rep in range(reps):
+                a = [r.get("events_per_s") for r in rows if r["method"] == a_m
+                     and r["subs"] == s and r["rep"] == rep and r["mode"] == "tput"]
+                b = [r.get("events_per_s") for r in rows if r["method"] == b_m
+                     and r["subs"] == s and r["rep"] == rep and r["mode"] == "tput"]
+                if a and b and a[0] and b[0]:
+                    found.append(a[0] / b[0])
+            parts.append(f"{s} sub: {statistics.median(found):.2f}x "
+                         f"[{min(found):.2f}-{max(found):.2f}]" if found else f"{s} sub: -")
+        return ", ".join(parts)
+
+    sections = [
+        ("ratios to raw_redis events/s", [(m, "raw_redis") for m in methods
+                                          if m != "raw_redis"]),
+        ("ratios to node_ioredis events/s", [(m, "node_ioredis") for m in
+                                             ("procwire_emit", "procwire_many")]),
+        ("local broker vs the Redis backend, events/s", [("broker_many", "procwire_many"),
+                                                          ("broker_emit", "procwire_emit")]),
+    ]
+    for title, pairs in sections:
+        pairs = [(a_m, b_m) for a_m, b_m in pairs if a_m in methods and b_m in methods]
+        if pairs:
+            print(f"\n{title} (median [min-max] of per-repetition ratios)\n")
+            for a_m, b_m in pairs:
+                print(f"- {a_m} / {b_m}: {ratios(a_m, b_m)}")
     rr = [m for m in RR_METHODS if m in methods]
     if rr:
         print("\nrequest/reply round trip (medians of the repetitions' p50 / p99)\n")

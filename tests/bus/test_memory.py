@@ -230,6 +230,38 @@ def test_request_reply_and_errors(pair: Any) -> None:
         a.request("add", {"x": 1, "y": 2}, timeout=2)
 
 
+def test_each_request_is_handled_by_exactly_one_of_several_handlers(url: str) -> None:
+    """Like the broker: one handler runs each request, in turn; none left: NoResponder."""
+    client, h1, h2 = Bus(url), Bus(url), Bus(url)
+    try:
+        calls: list[tuple[str, int]] = []
+        lock = threading.Lock()
+
+        def handler(who: str) -> Any:
+            def work(i: int) -> str:
+                with lock:
+                    calls.append((who, i))
+                return who
+            return work
+
+        h1.handle("work", handler("h1"))
+        h2.handle("work", handler("h2"))
+        n = 100
+        replies = [client.request("work", i, timeout=5) for i in range(n)]
+        assert sorted(i for _, i in calls) == list(range(n))  # each exactly once
+        assert [who for who, _ in sorted(calls, key=lambda c: c[1])] == replies
+        assert replies.count("h1") == replies.count("h2") == n // 2  # round robin
+        wait_for(lambda: h1.stats()["requests_served"] + h2.stats()["requests_served"] == n)
+        h1.close()
+        assert {client.request("work", i, timeout=5) for i in range(10)} == {"h2"}
+        h2.unhandle("work")
+        with pytest.raises(NoResponder):
+            client.request("work", 0, timeout=5)
+    finally:
+        for bus in (client, h1, h2):
+            bus.close()
+
+
 def test_reply_that_cannot_be_encoded_becomes_remote_error(pair: Any) -> None:
     a, b = pair
     b.handle("obj", lambda d: object())

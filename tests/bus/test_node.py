@@ -1,5 +1,6 @@
 """A Node process with ioredis and the {"event", "data"} envelope is a peer on a procwire Redis
-bus: events both ways, and request/reply with a Node responder."""
+bus: events both ways, and request/reply both ways (a Node responder; Node asking a Python
+handler, finding it with PUBSUB CHANNELS as the wire format says)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ def test_node_ioredis_peer_both_ways(redis_server: Any) -> None:
             with pytest.raises(RemoteError) as info:
                 bus.request("node.add", {"x": "two", "y": 1}, timeout=10)
             assert (info.value.type, info.value.message) == ("TypeError", "x must be a number")
+            # Node as the requester, speaking the wire format by hand, to a Python handler
+            bus.handle("py.mul", lambda d: d["a"] * d["b"])
+            bus.emit("py.ask", {"name": "py.mul", "args": {"a": 6, "b": 7}})
+            assert from_node.get(10) == Event("node.answer", {"result": 42})
+            bus.emit("py.ask", {"name": "py.nobody", "args": {}})
+            assert from_node.get(10) == Event("node.answer", {"error": {"type": "NoResponder"}})
             bus.emit("py.quit")
             assert proc.wait(timeout=10) == 0, proc.stderr.read() if proc.stderr else ""
         finally:

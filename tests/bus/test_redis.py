@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Any
 
@@ -69,13 +70,18 @@ def test_wire_format_is_the_json_envelope(redis_server: Any) -> None:
         assert ps.get_message(timeout=5)["type"] == "subscribe"
         with Bus(redis_server.url, channel="my_app_channel") as bus:
             seen = bus.subscribe("*", timeout=5)
-            assert bus.emit("user.created", {"id": 1}) == 2  # the raw client and the bus
-            msg = ps.get_message(timeout=5)
-            assert json.loads(msg["data"]) == {"event": "user.created", "data": {"id": 1}}
+            # pipelined: the receiver count is not known when emit returns...
+            assert bus.emit("user.created", {"id": 1}) == -1
+            # ...confirm=True waits for Redis: the raw client and the bus
+            assert bus.emit("user.created", {"id": 1}, confirm=True) == 2
+            for _ in range(2):
+                msg = ps.get_message(timeout=5)
+                assert json.loads(msg["data"]) == {"event": "user.created", "data": {"id": 1}}
             raw.publish("my_app_channel", json.dumps({"event": "from.raw", "data": [1]}))
             raw.publish("my_app_channel", json.dumps({"event": "no.data"}))
-            assert [seen.get(5) for _ in range(3)] == [
-                Event("user.created", {"id": 1}), Event("from.raw", [1]), Event("no.data", None)]
+            assert [seen.get(5) for _ in range(4)] == [
+                Event("user.created", {"id": 1}), Event("user.created", {"id": 1}),
+                Event("from.raw", [1]), Event("no.data", None)]
     finally:
         ps.close()
         raw.close()
@@ -104,9 +110,12 @@ def test_restart_mid_test_reconnects_resubscribes_and_reports_the_gap(
 
         redis_server.stop()
         t0 = time.monotonic()
-        with pytest.raises(procwire.Timeout, match="unreachable"):
-            a.emit("e", "lost?", timeout=0.3)  # never a silent drop
+        assert a.emit("e", "lost?", timeout=0.3) == -1  # queued for the flusher...
+        with pytest.raises(procwire.Timeout, match=r"1 emitted event.* unreachable"):
+            a.flush(timeout=5)  # ...which reports it: never a silent drop
         assert time.monotonic() - t0 < 3
+        assert a.stats()["backend"]["emit_failed"] == 1
+        a.flush(timeout=1)  # reported once
         redis_server.start()
 
         gap = gaps.get(15)
@@ -253,3 +262,309 @@ def test_cli_emit_listen_request(redis_server: Any, children: Any) -> None:
     assert result.exit_code == 1 and "no responder" in result.output
     result = runner.invoke(app, ["emit", "x", "{bad", "--url", url])
     assert result.exit_code != 0
+
+
+def _dedupe(seq: list[Any]) -> list[Any]:
+    seen: set[Any] = set()
+    return [x for x in seq if not (x in seen or seen.add(x))]  # type: ignore[func-returns-value]
+
+
+def _failed_count(exc: BaseException) -> int:
+    m = re.match(r"(\d+) emitted event\(s\) were not published", str(exc))
+    assert m, exc
+    return int(m.group(1))
+
+
+def test_pipelined_emit_through_a_restart_loses_nothing_silently(redis_server: Any) -> None:
+    """Redis is killed mid-stream for longer than the emit timeout, then started again:
+    the events queued meanwhile are reported (raised and counted), the others arrive, in
+    order; nothing vanishes unreported."""
+    with Bus(redis_server.url, channel="rs", emit_timeout=0.3) as a, \
+            Bus(redis_server.url, channel="rs") as b:
+        got = b.subscribe("n", timeout=15, maxsize=100_000)
+        gaps = b.subscribe("procwire.gap", timeout=30)
+        reported = 0
+
+        def emit_range(lo: int, hi: int) -> None:
+            nonlocal reported
+            for i in range(lo, hi):
+                try:
+                    a.emit("n", i)
+                except procwire.Timeout as exc:  # earlier events' failure, raised once
+                    reported += _failed_count(exc)
+                    a.emit("n", i)  # this one was not queued yet
+                time.sleep(0.0005)
+
+        emit_range(0, 300)
+        redis_server.stop()  # mid-stream: some of the first 300 may still be queued
+        emit_range(300, 600)
+        with pytest.raises(procwire.Timeout) as info:
+            a.flush(timeout=5)  # Redis still down: every queued event times out
+        reported += _failed_count(info.value)
+        redis_server.start()
+        gaps.get(15)
+        emit_range(600, 900)
+        a.flush(timeout=10)
+        received = []
+        while len(received) < 900 - reported:
+            received.append(got.get(10).data)
+        time.sleep(0.1)
+        assert got.get_nowait() is None
+        stats = a.stats()["backend"]
+        assert reported == stats["emit_failed"] >= 300
+        assert received == sorted(set(received))  # in order, no duplicates
+        assert set(range(600, 900)) <= set(received)
+        assert len(received) + reported == 900  # each one: received, or reported
+
+
+def test_pipelined_emit_survives_killed_connections(redis_server: Any) -> None:
+    """The publisher's connections are killed (CLIENT KILL) while it emits flat out: the
+    flusher reconnects and resends; the subscriber (not killed) gets every event, in order
+    (a resent pipeline may repeat a few)."""
+    import threading
+
+    raw = redis.Redis.from_url(redis_server.url)
+    n_events = 20_000
+    try:
+        with Bus(redis_server.url, channel="ck") as a, Bus(redis_server.url, channel="ck") as b:
+            got = b.subscribe("n", timeout=15, maxsize=100_000)
+            stop = threading.Event()
+            kills = 0
+
+            def killer() -> None:
+                nonlocal kills
+                while not stop.wait(0.02):
+                    kills += raw.client_kill_filter(_type="normal", skipme=True)
+
+            t = threading.Thread(target=killer)
+            t.start()
+            try:
+                for i in range(n_events):
+                    a.emit("n", i)
+                a.flush(timeout=20)
+            finally:
+                stop.set()
+                t.join(10)
+            received = drain_until(got, lambda ev: ev.data == n_events - 1, 20)
+            unique = _dedupe([ev.data for ev in received])
+            assert unique == list(range(n_events))
+            assert kills >= 1
+            stats = a.stats()["backend"]
+            assert stats["flush_errors"] >= 1, stats  # the flusher's connection was killed
+            assert stats["emit_failed"] == 0
+    finally:
+        raw.close()
+
+
+def test_full_outbox_blocks_emit_up_to_its_timeout(redis_server: Any) -> None:
+    with Bus(redis_server.url + "?outbox=5", channel="ob") as a, \
+            Bus(redis_server.url, channel="ob") as b:
+        sub = b.subscribe("*", timeout=10)
+        for i in range(300):  # more than the outbox: emit waits for room, nothing is lost
+            a.emit("x", i)
+        a.flush(timeout=10)
+        assert [sub.get(10).data for _ in range(300)] == list(range(300))
+        assert a.stats()["backend"]["outbox_max"] == 5
+
+        redis_server.stop()
+        for i in range(5):
+            a.emit("x", i, timeout=0.5)  # queued
+        t0 = time.monotonic()
+        with pytest.raises(procwire.Timeout, match=r"outbox .* stayed full"):
+            a.emit("x", 5, timeout=0.2)
+        assert 0.15 < time.monotonic() - t0 < 3
+        assert a.stats()["backend"]["outbox_full"] >= 1
+        with pytest.raises(procwire.Timeout, match=r"^5 emitted event"):
+            a.flush(timeout=5)
+        redis_server.start()
+        b.subscribe("procwire.gap", timeout=15).get(15)
+        a.emit("x", "after")
+        assert drain_until(sub, lambda ev: ev.data == "after")[-1].data == "after"
+
+
+def test_close_flushes_the_outbox(redis_server: Any) -> None:
+    with Bus(redis_server.url, channel="cf") as b:
+        sub = b.subscribe("*", timeout=10)
+        a = Bus(redis_server.url, channel="cf")
+        for i in range(2000):
+            a.emit("x", i)
+        a.close()  # returns once Redis confirmed all of them
+        assert a.stats()["backend"]["published"] == 2000
+        assert [sub.get(10).data for _ in range(2000)] == list(range(2000))
+
+
+def test_close_reports_what_it_could_not_publish(redis_server: Any) -> None:
+    a = Bus(redis_server.url, channel="cr", emit_timeout=30)
+    redis_server.stop()
+    a.emit("x", 1)
+    a.emit("x", 2)
+    t0 = time.monotonic()
+    with pytest.raises(procwire.ChannelClosed, match=r"^2 emitted event.*closed before"):
+        a.close(timeout=0.5)
+    assert time.monotonic() - t0 < 5
+    assert a.closed
+
+
+def test_emit_then_request_keeps_the_order(redis_server: Any) -> None:
+    with Bus(redis_server.url, channel="ord") as a, Bus(redis_server.url, channel="ord") as b:
+        seen: list[int] = []
+        b.on("x", seen.append)
+        b.handle("count", lambda _: len(seen))
+        time.sleep(0.05)
+        for i in range(200):
+            a.emit("x", i)
+        # the request goes after the queued events: b has had them all by then (its handler
+        # runs after its event dispatcher got them... so wait for the count to settle)
+        deadline = time.monotonic() + 10
+        while a.request("count", None, timeout=5) < 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert seen == list(range(200))
+
+
+def test_async_bus_pipelined_emit_flush_and_failure(redis_server: Any) -> None:
+    async def main() -> None:
+        async with AsyncBus(redis_server.url, channel="af") as b:
+            sub = b.subscribe("*", timeout=10)
+            a = AsyncBus(redis_server.url, channel="af", emit_timeout=0.3)
+            await a.start()
+            for i in range(1000):
+                assert await a.emit("x", i) == -1
+            await a.flush(timeout=10)
+            assert await a.emit("x", 1000, confirm=True) == 2  # a and b
+            assert [(await sub.get(5)).data for _ in range(1001)] == list(range(1001))
+            redis_server.stop()
+            await a.emit("x", "lost")
+            with pytest.raises(procwire.Timeout, match=r"^1 emitted event"):
+                await a.flush(timeout=5)
+            # an emit queued from the loop keeps its timeout: it outlives a short outage
+            await a.emit("x", "kept", timeout=10)
+            await asyncio.sleep(0.5)
+            redis_server.start()
+            await a.flush(timeout=10)
+            await a.close()
+            assert a.stats()["backend"]["emit_failed"] == 1
+            assert a.stats()["backend"]["published"] == 1002
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+HANDLER = r"""
+import os, sys
+from procwire.bus import Bus
+url, channel = sys.argv[1], sys.argv[2]
+with Bus(url, channel=channel) as bus:
+    def work(d):
+        if d.get("die"):
+            os._exit(3)  # dies with the request in hand: no reply
+        bus.emit("handled", {"i": d["i"], "pid": os.getpid()})
+        return os.getpid()
+    bus.handle("work", work)
+    print("ready", flush=True)
+    bus.subscribe("quit", timeout=60).get(60)
+"""
+
+
+def test_each_request_is_handled_by_exactly_one_of_two_processes(
+        redis_server: Any, children: Any) -> None:
+    import signal
+
+    url = redis_server.url
+    with Bus(url, channel="rq") as bus:
+        handled = bus.subscribe("handled", timeout=10, maxsize=100_000)
+        procs = [children.python(HANDLER, url, "rq", stdout=-1) for _ in range(2)]
+        for p in procs:
+            assert p.stdout.readline().strip() == b"ready"
+        pids = {p.pid for p in procs}
+        n = 200
+        replies = [bus.request("work", {"i": i}, timeout=10) for i in range(n)]
+        assert set(replies) == pids  # both share the load...
+        assert min(replies.count(pid) for pid in pids) >= n // 4
+        seen = [handled.get(10).data for _ in range(n)]
+        assert sorted(ev["i"] for ev in seen) == list(range(n))  # ...each request once
+        assert [ev["pid"] for ev in sorted(seen, key=lambda ev: ev["i"])] == replies
+        time.sleep(0.1)
+        assert handled.get_nowait() is None
+
+        # a responder that dies holding a request: that request times out, no hang
+        t0 = time.monotonic()
+        with pytest.raises(procwire.Timeout):
+            bus.request("work", {"i": -1, "die": True}, timeout=1)
+        assert time.monotonic() - t0 < 3
+        deadline = time.monotonic() + 10
+        while all(p.poll() is None for p in procs):
+            assert time.monotonic() < deadline, "no handler died"
+            time.sleep(0.02)
+        dead = next(p for p in procs if p.poll() is not None)
+        assert dead.returncode == 3
+        alive = next(p for p in procs if p is not dead)
+        # the dead one is skipped (PUBLISH counts 0 for it): every request is answered
+        assert {bus.request("work", {"i": i}, timeout=5) for i in range(20)} == {alive.pid}
+        alive.send_signal(signal.SIGKILL)
+        alive.wait(timeout=10)
+        t0 = time.monotonic()
+        with pytest.raises(NoResponder):
+            bus.request("work", {"i": 0}, timeout=5)
+        assert time.monotonic() - t0 < 3
+
+
+def test_request_names_with_glob_characters_and_colons_stay_apart(redis_server: Any) -> None:
+    with Bus(redis_server.url, channel="g") as a, Bus(redis_server.url, channel="g") as b:
+        b.handle("a:b", lambda d: "a:b")
+        b.handle("x*", lambda d: "x*")
+        with pytest.raises(NoResponder):  # "a" is not "a:b"
+            a.request("a", None, timeout=2)
+        with pytest.raises(NoResponder):  # "x?" is not a pattern matching "x*"
+            a.request("x?", None, timeout=2)
+        assert a.request("a:b", None, timeout=2) == "a:b"
+        assert a.request("x*", None, timeout=2) == "x*"
+        b.unhandle("a:b")
+        with pytest.raises(NoResponder):
+            a.request("a:b", None, timeout=2)
+
+
+def test_publish_refused_by_redis_is_reported(redis_server: Any) -> None:
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        with Bus(redis_server.url, channel="acl") as a:
+            sub = a.subscribe("*", timeout=5)
+            raw.execute_command("ACL", "SETUSER", "default", "-publish")
+            try:
+                a.emit("x", 1)
+                with pytest.raises(procwire.ProtocolError,
+                                   match=r"^1 emitted event.*refused them.*NOPERM"):
+                    a.flush(timeout=5)
+            finally:
+                raw.execute_command("ACL", "SETUSER", "default", "+publish")
+            assert a.stats()["backend"]["emit_failed"] == 1
+            a.emit("x", 2)  # the connection is still good
+            assert sub.get(5).data == 2
+    finally:
+        raw.close()
+
+
+def test_async_handlers_share_requests_one_each(redis_server: Any) -> None:
+    async def main() -> None:
+        async with AsyncBus(redis_server.url, channel="ah") as client, \
+                AsyncBus(redis_server.url, channel="ah") as h1, \
+                AsyncBus(redis_server.url, channel="ah") as h2:
+            calls: list[tuple[str, int]] = []
+
+            def handler(who: str) -> Any:
+                async def work(i: int) -> str:
+                    calls.append((who, i))
+                    return who
+                return work
+
+            await h1.handle("work", handler("h1"))
+            await h2.handle("work", handler("h2"))
+            replies = [await client.request("work", i, timeout=5) for i in range(60)]
+            assert sorted(i for _, i in calls) == list(range(60))  # each exactly once
+            assert {"h1", "h2"} == set(replies)
+            await h1.unhandle("work")
+            assert {await client.request("work", i, timeout=5) for i in range(5)} == {"h2"}
+            await h2.unhandle("work")
+            with pytest.raises(NoResponder):
+                await client.request("work", 0, timeout=5)
+
+    asyncio.run(asyncio.wait_for(main(), 60))

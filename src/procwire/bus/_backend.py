@@ -2,7 +2,8 @@
 that picks one by URL scheme.
 
 A backend moves three kinds of messages: events (fan-out to every bus on the same bus name or
-channel), requests (to the buses that handle a name) and replies (to one bus). It calls a
+channel), requests (to exactly one of the buses that handle a name: every backend picks one,
+never several) and replies (to one bus). It calls a
 ``Sink`` from its own thread when something arrives; the sink never runs user code there (it
 only files items into bounded buffers), so a backend can rely on the sink returning quickly,
 except under the ``block`` policy, whose very point is to hold the backend's delivery.
@@ -57,16 +58,36 @@ class Backend(ABC):
 
     @abstractmethod
     def publish(self, name: str, data: Any, timeout: float | None) -> int:
-        """Send one event; how many buses received it (-1: unknown)."""
+        """Send one event; how many buses received it (-1: unknown, e.g. queued but not yet
+        confirmed: Redis pipelines emits). ``timeout`` bounds the wait for the medium (or for
+        room in an outbox); errors are raised, never swallowed."""
+
+    def publish_nowait(self, name: str, data: Any, timeout: float | None) -> int | None:
+        """``publish`` if it can be done without blocking (the asyncio bus calls it on the
+        loop; ``timeout`` still bounds the delivery of a queued event); None: it cannot,
+        call ``publish`` on a worker thread. Default: None."""
+        return None
+
+    def publish_confirmed(self, name: str, data: Any, timeout: float | None) -> int:
+        """Send one event and wait for the medium's confirmation; how many buses received it.
+        Default: ``publish`` (backends whose publish is already confirmed)."""
+        return self.publish(name, data, timeout)
 
     def publish_many(self, events: list[tuple[str, Any]], timeout: float | None) -> None:
-        """Send several events in order; backends that can pipeline them override this."""
+        """Send several events in order and return once they are confirmed; backends that
+        can pipeline them override this."""
         for name, data in events:
             self.publish(name, data, timeout)
+        self.flush(timeout)
+
+    def flush(self, timeout: float | None) -> None:  # noqa: B027
+        """Wait until every event published so far is confirmed, and raise what could not be
+        published (``Timeout`` after ``timeout``). Default: nothing to wait for."""
 
     @abstractmethod
     def request(self, name: str, request: dict[str, Any], timeout: float | None) -> int:
-        """Send a request to the buses that handle ``name``; how many got it (0: none)."""
+        """Send a request to ONE bus that handles ``name``; 1 when one got it, 0 when none
+        handles it (-1: the medium answers ``no_responder`` itself, in a reply)."""
 
     @abstractmethod
     def reply(self, reply_to: str, reply: dict[str, Any], timeout: float | None) -> None:
@@ -91,7 +112,9 @@ class Backend(ABC):
 
     @abstractmethod
     def close(self, timeout: float | None) -> None:
-        """Stop delivering and release connections and threads; idempotent."""
+        """Flush what is queued (within ``timeout``), stop delivering and release connections
+        and threads; idempotent. May raise, after releasing everything, what could not be
+        published."""
 
 
 def backend_for(url: str, **options: Any) -> Backend:

@@ -167,7 +167,9 @@ class Bus(_BusBase):
     stays subscribed. Every subscription has a bounded buffer (``maxsize`` events); ``policy``
     says what happens when it fills: ``block`` (the delivery waits), ``drop_oldest``,
     ``disconnect``. ``emit`` waits up to ``emit_timeout`` (or its own ``timeout=``) for the
-    backend to be reachable, then raises ``procwire.Timeout``: it never drops an event silently.
+    backend to be reachable (on Redis: for room in the outbox of its pipelining flusher), then
+    raises ``procwire.Timeout``; an event the Redis flusher could not publish in that time is
+    raised by the next ``emit``/``flush``/``close``: never dropped silently.
 
     >>> bus = Bus("memory://doc")
     >>> got = bus.subscribe("user.*")
@@ -225,20 +227,39 @@ class Bus(_BusBase):
         """Remove ``handler`` (or every handler) registered on ``pattern``; how many."""
         return self._remove(pattern, handler)
 
-    def emit(self, event: str, data: Any = None, *, timeout: float | None = None) -> int:
+    def emit(self, event: str, data: Any = None, *, timeout: float | None = None,
+             confirm: bool = False) -> int:
         """Publish ``event`` with ``data`` (JSON-encodable) to every bus; returns how many
-        buses the backend delivered it to. ``timeout`` (default ``emit_timeout``) bounds the wait
-        for an unreachable backend: then ``procwire.Timeout``."""
+        buses received it, or -1 when that is not known yet: on ``redis://`` emit queues the
+        event for a background flusher that pipelines it (``confirm=True`` waits for Redis's
+        confirmation and returns the count; ``flush()`` waits for all).
+
+        ``timeout`` (default ``emit_timeout``) bounds the wait for an unreachable backend or a
+        full outbox: then ``procwire.Timeout``. An event queued on Redis that could not be
+        published within its timeout is counted and raised by the next ``emit``, ``flush`` or
+        ``close``: never dropped silently."""
         _check_emit_name(event)
         self._check_usable()
-        n = self._backend.publish(event, data, self.emit_timeout if timeout is None else timeout)
+        t = self.emit_timeout if timeout is None else timeout
+        if confirm:
+            n = self._backend.publish_confirmed(event, data, t)
+        else:
+            n = self._backend.publish(event, data, t)
         self._core.emitted += 1
         return n
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every event emitted so far is confirmed by the backend (only Redis
+        queues them); raises what could not be published, or ``procwire.Timeout`` after
+        ``timeout`` (default ``emit_timeout``; the events stay queued)."""
+        self._check_usable()
+        self._backend.flush(self.emit_timeout if timeout is None else timeout)
 
     def emit_many(self, events: Iterable[tuple[str, Any]], *,
                   timeout: float | None = None) -> None:
         """Publish several ``(event, data)`` pairs in order, pipelined where the backend can
-        (Redis: one round trip). Every event is checked and encoded before any is sent."""
+        (Redis: through the outbox, with the emits around it); returns once all are confirmed.
+        Every event is checked and encoded before any is sent."""
         batch = list(events)
         for name, _ in batch:
             _check_emit_name(name)
@@ -310,7 +331,7 @@ class Bus(_BusBase):
 
         Raises ``NoResponder`` (no bus handles it), ``RemoteError`` (the handler raised; with
         its exception's type name and message) or ``procwire.Timeout``. When several buses
-        handle one name, each gets the request and the first reply wins.
+        handle one name, exactly one of them gets each request, in turn, on every backend.
         """
         check_name(name, "request name")
         self._check_usable()
@@ -343,7 +364,8 @@ class Bus(_BusBase):
     # -- lifetime ----------------------------------------------------------------------------
 
     def close(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        """Unsubscribe everything, stop the threads and connections. Idempotent."""
+        """Flush queued events (within ``timeout``), unsubscribe everything, stop the threads
+        and connections; then raise what could not be published, if anything. Idempotent."""
         if os.getpid() != self._pid:  # a forked child: the threads are the parent's
             self._core.closed = True
             return
@@ -360,9 +382,10 @@ class Bus(_BusBase):
         if core is not None and not core.closed:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
             try:
-                self.close(timeout=0)
-            except Exception:
-                pass
+                # a Redis bus may still hold queued events: give them emit_timeout (bounded)
+                self.close(timeout=30.0 if self.emit_timeout is None else self.emit_timeout)
+            except Exception as exc:
+                log.error("closing an unclosed bus: %s", exc)
 
     def __repr__(self) -> str:
         return f"<Bus {self.url!r}{' closed' if self.closed else ''}>"
@@ -509,14 +532,30 @@ class AsyncBus(_BusBase):
         self._core.add(sub)
         return AsyncSubscription(sub)
 
-    async def emit(self, event: str, data: Any = None, *, timeout: float | None = None) -> int:
-        """Publish ``event``; see :meth:`Bus.emit`."""
+    async def emit(self, event: str, data: Any = None, *, timeout: float | None = None,
+                   confirm: bool = False) -> int:
+        """Publish ``event``; see :meth:`Bus.emit`. On Redis, an emit that finds room in the
+        outbox returns without leaving the loop."""
         _check_emit_name(event)
         await self.start()
-        n: int = await self._io(self._backend.publish, event, data,
-                                self.emit_timeout if timeout is None else timeout)
+        self._check_usable()
+        t = self.emit_timeout if timeout is None else timeout
+        n: int | None = None
+        if confirm:
+            n = await self._io(self._backend.publish_confirmed, event, data, t)
+        else:
+            n = self._backend.publish_nowait(event, data, t)
+            if n is None:
+                n = await self._io(self._backend.publish, event, data, t)
         self._core.emitted += 1
+        assert n is not None
         return n
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """See :meth:`Bus.flush`."""
+        await self.start()
+        self._check_usable()
+        await self._io(self._backend.flush, self.emit_timeout if timeout is None else timeout)
 
     async def emit_many(self, events: Iterable[tuple[str, Any]], *,
                         timeout: float | None = None) -> None:
@@ -610,7 +649,7 @@ class AsyncBus(_BusBase):
         return _raise_for_reply(name, reply)
 
     async def close(self, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        """Unsubscribe everything and disconnect. Idempotent."""
+        """See :meth:`Bus.close`. Idempotent."""
         if self._core.closed:
             return
         if os.getpid() != self._pid:
@@ -627,9 +666,10 @@ class AsyncBus(_BusBase):
         if core is not None and not core.closed and getattr(self, "_started", False):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
             try:
-                core.close(0)
-            except Exception:
-                pass
+                # a Redis bus may still hold queued events: give them emit_timeout (bounded)
+                core.close(30.0 if self.emit_timeout is None else self.emit_timeout)
+            except Exception as exc:
+                log.error("closing an unclosed bus: %s", exc)
 
     def __repr__(self) -> str:
         return f"<AsyncBus {self.url!r}{' closed' if self.closed else ''}>"

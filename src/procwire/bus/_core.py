@@ -503,7 +503,7 @@ class BusCore:
     def on_reply(self, reply: dict[str, Any]) -> None:
         deliver = self._pending.pop(reply.get("id"), None)  # type: ignore[arg-type]
         if deliver is None:
-            self.replies_late += 1  # timed out already, or a second responder's answer
+            self.replies_late += 1  # the request timed out already
         else:
             deliver(reply)
 
@@ -611,7 +611,9 @@ class BusCore:
         for deliver in pending.values():
             deliver({"closed": True})
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.backend.close(timeout)
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        self.events.close(left)
-        self.requests.close(left)
+        try:
+            self.backend.close(timeout)  # may raise what it could not publish, once closed
+        finally:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.events.close(left)
+            self.requests.close(left)

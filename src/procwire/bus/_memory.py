@@ -4,10 +4,12 @@ what works here works across processes, and a receiver cannot mutate the sender'
 
 Delivery happens in the emitting thread: when ``emit`` returns, the event sits in every
 matching subscription's buffer (or the emit waited for room, under the ``block`` policy).
+A request goes to exactly one of the buses handling its name, in turn (as on the broker).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import uuid
 from typing import Any
@@ -31,6 +33,7 @@ class _Hub:
         self.buses: list[MemoryBackend] = []
         self.responders: dict[str, list[MemoryBackend]] = {}
         self.by_reply: dict[str, MemoryBackend] = {}
+        self.turn = itertools.count()  # round robin among a name's responders
 
 
 class MemoryBackend(Backend):
@@ -79,11 +82,16 @@ class MemoryBackend(Backend):
     def request(self, name: str, request: dict[str, Any], timeout: float | None) -> int:
         hub = self._hub_or_raise()
         request = self._copy(request)
-        targets = hub.responders.get(name, [])
-        for bus in targets:
-            if bus._sink is not None:
-                bus._sink.on_request(name, request)
-        return len(targets)
+        targets = hub.responders.get(name)
+        if not targets:
+            return 0
+        start = next(hub.turn)
+        for k in range(len(targets)):  # exactly one, skipping one that is closing
+            sink = targets[(start + k) % len(targets)]._sink
+            if sink is not None:
+                sink.on_request(name, request)
+                return 1
+        return 0
 
     def reply(self, reply_to: str, reply: dict[str, Any], timeout: float | None) -> None:
         hub = self._hub_or_raise()

@@ -3,21 +3,28 @@
 Wire format (what a Node process with ioredis speaks to join):
 
 * events: ``PUBLISH <channel> {"event": name, "data": data}`` (JSON; ``data`` may be absent);
-* requests: ``PUBLISH <channel>:request:<name> {"id": str, "reply_to": str, "data": ...}``; the
-  number of receivers PUBLISH returns is how ``NoResponder`` is known at once;
+* a bus handling ``name`` subscribes its own ``<channel>:request:<name>:<bus id>``: that
+  subscription is its presence (Redis drops it with the connection);
+* requests go to ONE responder: ``PUBSUB CHANNELS <channel>:request:<name>:*`` lists them
+  (cached for ``_RESPONDERS_TTL``), then ``PUBLISH <that channel> {"id": str, "reply_to": str,
+  "data": ...}``, rotating; PUBLISH counting 0 receivers means that one is gone: try the next,
+  list again once, then ``NoResponder``;
 * replies: ``PUBLISH <reply_to> {"id": str, "data": ...}`` or ``{"id": str, "error": {"type":
   str, "message": str}}``; ``reply_to`` is ``<channel>:reply:<bus id>``.
 
-Two connections: commands (PUBLISH, from any thread, through redis-py's pool) and one
-subscriber connection read by a thread. When the subscriber connection drops, the thread
+The subscriber connection is read by a thread. When the subscriber connection drops, the thread
 reconnects with backoff (50 ms doubling to ``reconnect_max``), subscribes again, and tells the
 subscribers with a ``procwire.gap`` notice saying why: ``restarted`` (a new Redis run id),
 ``dropped_by_server`` (Redis kept running but closed us: a subscriber too slow for
 ``client-output-buffer-limit pubsub``, or ``CLIENT KILL``) or ``connection_lost``.
 
-``emit`` during an outage retries until its timeout, then raises ``procwire.Timeout``: it never
-drops an event silently. (If Redis dies after receiving a PUBLISH but before answering, the
-retry can publish that event twice.)
+Three connections: the subscriber, the flusher's, and the pool (requests, replies, PUBSUB).
+``emit`` is pipelined: it queues the encoded PUBLISH in a bounded outbox and a flusher thread
+writes all that is queued in one go, then reads the confirmations (like ioredis's automatic
+pipelining). A full outbox makes ``emit`` wait up to its timeout (then ``procwire.Timeout``);
+an event the flusher cannot publish before its timeout is counted and raised by the next
+``emit``/``flush``/``close``: never dropped silently. (If Redis dies after receiving a pipeline
+but before answering, the retry can publish those events twice.)
 
 Bad input on the channel (not JSON, no ``"event"`` string, a reserved ``procwire.`` name, more
 than ``max_message_size`` bytes) is skipped, counted in ``bad_messages`` and reported as a
@@ -26,13 +33,20 @@ than ``max_message_size`` bytes) is skipped, counted in ``bad_messages`` and rep
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import logging
+import os
 import random
+import re
 import socket
 import threading
 import time
 import urllib.parse
 import uuid
+import weakref
+from collections import deque
+from itertools import islice
 from typing import Any
 
 import msgspec
@@ -58,6 +72,13 @@ try:
 except ImportError as _exc:  # pragma: no cover - the extra is missing
     raise ProcwireError("the redis:// bus needs redis-py: pip install 'procwire[redis]'"
                         ) from _exc
+_hiredis: Any
+_NOT_ENOUGH: Any
+try:
+    import hiredis as _hiredis
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH
+except ImportError:  # pragma: no cover - it comes with procwire[redis]
+    _hiredis = _NOT_ENOUGH = None
 
 __all__ = ["RedisBackend"]
 
@@ -65,6 +86,40 @@ log = logging.getLogger("procwire.bus")
 
 _json = JsonCodec()
 _POLL = 0.25  # how often the reader looks at the closed flag while idle
+DEFAULT_OUTBOX = 10_000  # events queued for the flusher before emit() waits for room
+_OUTBOX_BYTES = 64 << 20  # ... or this many bytes of commands
+_PIPELINE = 4096  # most commands in one pipelined write
+_PIPELINE_BYTES = 4 << 20
+_RESPONDERS_TTL = 1.0  # how long a requester trusts its list of a name's responders
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+# One queued PUBLISH: (the RESP command, the time the flusher may retry it until (None: no
+# limit), a one-slot box for its receiver count when someone waits for it (else None)).
+_Item = tuple[bytes, float | None, list[Any] | None]
+
+
+_live: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """At interpreter exit, publish what open buses still queue (the flusher is a daemon
+    thread: it would die with events in its outbox). Failures are logged, not lost."""
+    for backend in list(_live):
+        if backend._closed or not backend._out or backend._pid != os.getpid():
+            continue  # (a forked child has the parent's outbox but not its flusher)
+        try:  # bounded even for emit_timeout=None: exit must not hang on a dead Redis
+            backend.flush(30.0 if backend.emit_timeout is None else backend.emit_timeout)
+        except Exception as exc:
+            log.error("procwire bus: at exit, %s", exc)
+
+
+def _resp_publish(channel: bytes, payload: bytes) -> bytes:
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        len(channel), channel, len(payload), payload)
 
 
 class _Envelope(msgspec.Struct):
@@ -109,13 +164,21 @@ class RedisBackend(Backend):
 
     def __init__(self, url: str, *, channel: str = "procwire", max_message_size: int = 1 << 20,
                  emit_timeout: float | None = 5.0, reconnect_max: float = 2.0,
-                 **_: Any) -> None:
+                 outbox: int = DEFAULT_OUTBOX, **_: Any) -> None:
         parts = urllib.parse.urlsplit(url)
         query = urllib.parse.parse_qsl(parts.query)
+        ours = ("channel", "outbox")
         for key, value in query:
             if key == "channel":
                 channel = value
-        rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "channel"])
+            elif key == "outbox":
+                try:
+                    outbox = int(value)
+                except ValueError:
+                    raise AddressError(f"outbox={value!r}: not an integer") from None
+        if not isinstance(outbox, int) or outbox < 1:
+            raise AddressError(f"outbox must be an int >= 1, not {outbox!r}")
+        rest = urllib.parse.urlencode([(k, v) for k, v in query if k not in ours])
         redis_url = urllib.parse.urlunsplit(parts._replace(query=rest))
         if not channel or not isinstance(channel, str):
             raise AddressError("a Redis bus needs a non-empty channel name")
@@ -123,11 +186,17 @@ class RedisBackend(Backend):
         self.channel = channel
         self.max_message_size = max_message_size
         self.reconnect_max = reconnect_max
-        self.reply_to = f"{channel}:reply:{uuid.uuid4().hex[:16]}"
+        self.bus_id = uuid.uuid4().hex[:16]
+        self.reply_to = f"{channel}:reply:{self.bus_id}"
+        self.emit_timeout = emit_timeout
         self._ch = channel.encode()
         self._reply_ch = self.reply_to.encode()
         self._reply_prefix = f"{channel}:reply:"
         self._req_prefix = f"{channel}:request:".encode()
+        # this bus's request channels end with ":<bus id>": its presence as a responder
+        self._req_suffix = f":{self.bus_id}".encode()
+        self._resp_cache: dict[str, tuple[float, list[bytes]]] = {}
+        self._rr = itertools.count()
         sock_timeout = emit_timeout if emit_timeout else 5.0
         try:
             self._client = redis.Redis.from_url(
@@ -156,6 +225,36 @@ class RedisBackend(Backend):
         # set while the subscriber connection is up: a request waits for it, or its reply
         # would be published while nobody listens on the reply channel
         self._up = threading.Event()
+        # The outbox (pipelined emit): encoded PUBLISH commands waiting for the flusher, which
+        # writes all of them in one go and reads the confirmations. Settled in order, so
+        # ``_settled`` (confirmed or failed) and ``_queued`` (ever queued) are sequence numbers.
+        self.outbox_max = outbox
+        self._out: deque[_Item] = deque()
+        self._out_bytes = 0
+        self._olock = threading.Lock()
+        self._ocond = threading.Condition(self._olock)   # the outbox's state
+        self._room = threading.Condition(self._olock)    # emitters waiting for room
+        self._wake = threading.Condition(self._olock)    # the idle flusher
+        self._done = threading.Condition(self._olock)    # waiters for confirmations
+        self._queued = 0
+        self._settled = 0
+        self._results: dict[int, int] = {}   # seq -> receivers, for confirm=True waiters
+        self._fail_count = 0
+        self._fail_cls: type[ProcwireError] = Timeout
+        self._fail_reason = ""
+        self._halt = threading.Event()  # close(): stop retrying, fail what is left
+        self._pid = os.getpid()
+        self._flusher: threading.Thread | None = None
+        self._flusher_idle = False
+        self._closing = False
+        self._flush_conn: Any = None
+        self._flush_reader: Any = None  # hiredis.Reader for the flusher's connection
+        self.published = 0
+        self.unheard = 0
+        self.emit_failed = 0
+        self.outbox_full = 0
+        self.pipelines = 0
+        self.flush_errors = 0  # pipelines that failed to go out (then retried or failed)
 
     # -- subscriber connection -------------------------------------------------------------
 
@@ -167,10 +266,16 @@ class RedisBackend(Backend):
         run_id = info.get("run_id")
         return str(run_id) if run_id is not None else None
 
+    def _new_connection(self) -> Any:
+        """A connection of our own, outside the pool's count (the pool refuses more than
+        ``max_connections`` ever made, and a long outage makes many attempts)."""
+        pool = self._client.connection_pool
+        return pool.connection_class(**pool.connection_kwargs)
+
     def _open_subscriber(self, timeout: float | None) -> Any:
         """A new connection subscribed to every channel, confirmations read."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        conn: Any = self._client.connection_pool.make_connection()
+        conn: Any = self._new_connection()
         try:
             conn.connect()
             with self._lock:
@@ -213,6 +318,11 @@ class RedisBackend(Backend):
         self._thread = threading.Thread(target=self._reader, args=(conn,), daemon=True,
                                         name=f"procwire-bus-redis-{self.channel}")
         self._thread.start()
+        self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                         name=f"procwire-bus-redis-flush-{self.channel}")
+        self._flusher.start()
+        self._pid = os.getpid()
+        _live.add(self)
 
     def _reader(self, conn: Any) -> None:
         try:
@@ -237,10 +347,28 @@ class RedisBackend(Backend):
     def _read_loop(self, conn: Any) -> None:
         handle = self._handle
         can_read = conn.can_read
-        read = conn.read_response
+        parser = conn._parser
+        reader = getattr(parser, "_reader", None)
+        if reader is None or _NOT_ENOUGH is None or not hasattr(parser, "read_from_socket"):
+            read = conn.read_response  # pragma: no cover - redis-py without hiredis
+            while not self._closed:
+                if can_read(timeout=_POLL):
+                    handle(read(disconnect_on_error=False))
+            return
+        # With hiredis: take every complete message from redis-py's own reader (so nothing it
+        # buffered is skipped) and read the socket only when it has none; per message this
+        # costs about half of what read_response does, which matters with many subscribers.
+        gets = reader.gets
+        fill = parser.read_from_socket
         while not self._closed:
-            if can_read(timeout=_POLL):
-                handle(read(disconnect_on_error=False))
+            msg = gets()
+            if msg is _NOT_ENOUGH:
+                if can_read(timeout=_POLL):
+                    fill(timeout=_POLL, raise_on_timeout=False)
+            elif isinstance(msg, Exception):
+                raise msg if isinstance(msg, redis.RedisError) else ProtocolError(str(msg))
+            else:
+                handle(msg)
 
     def _recover(self, exc: BaseException) -> Any:
         """Reconnect with backoff and resubscribe; report the gap. None once closed."""
@@ -299,8 +427,8 @@ class RedisBackend(Backend):
                 self._on_event(payload)
             elif ch == self._reply_ch:
                 self._on_reply(payload)
-            elif ch.startswith(self._req_prefix):
-                self._on_request(ch[len(self._req_prefix):], payload)
+            elif ch.startswith(self._req_prefix) and ch.endswith(self._req_suffix):
+                self._on_request(ch, payload)
         elif kind == b"subscribe":
             with self._lock:
                 ev = self._confirmed.get(msg[1])
@@ -345,8 +473,8 @@ class RedisBackend(Backend):
         assert self._sink is not None
         self._sink.on_event(name, env.data)
 
-    def _on_request(self, name_b: bytes, payload: bytes) -> None:
-        ch = self._req_prefix + name_b
+    def _on_request(self, ch: bytes, payload: bytes) -> None:
+        name_b = ch[len(self._req_prefix):-len(self._req_suffix)]
         if not self._check_size(ch, payload):
             return
         try:
@@ -385,13 +513,23 @@ class RedisBackend(Backend):
         return data
 
     def _publish(self, channel: bytes, payload: bytes, timeout: float | None) -> int:
+        """One confirmed PUBLISH on the pool (requests, replies), after what the outbox holds
+        so far, so that an emit followed by a request or a reply arrives in that order."""
         if self._closed:
             raise ChannelClosed("this bus is closed")
+        if not self._drain(timeout):
+            raise Timeout(f"Redis at {self.url} did not confirm the events emitted before "
+                          f"this message in {timeout} s; it was not sent")
+        return int(self._call(lambda: self._client.publish(channel, payload), timeout))
+
+    def _call(self, fn: Any, timeout: float | None) -> Any:
+        """``fn()`` (one command on the pool), retried on connection errors until
+        ``timeout``; then ``Timeout``. Never retried: auth and server errors."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.01
         while True:
             try:
-                return int(self._client.publish(channel, payload))
+                return fn()
             except redis.AuthenticationError as exc:
                 raise AuthenticationError(f"Redis at {self.url}: {exc}") from exc
             except _CONN_ERRORS as exc:
@@ -400,51 +538,342 @@ class RedisBackend(Backend):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise Timeout(f"Redis at {self.url} unreachable for {timeout} s; nothing "
-                                  f"was published ({exc})") from exc
+                                  f"was sent ({exc})") from exc
                 time.sleep(delay if left is None else min(delay, left))
                 delay = min(delay * 2, 0.25)
             except redis.RedisError as exc:
                 raise ProtocolError(f"Redis at {self.url}: {exc}") from exc
+
+    # -- the outbox: pipelined emit -----------------------------------------------------------
+
+    def _event_command(self, name: str, data: Any) -> bytes:
+        return _resp_publish(self._ch, self._encode({"event": name, "data": data}))
+
+    def _raise_failure(self) -> None:
+        """Raise (once) what the flusher could not publish; call with ``_ocond`` held."""
+        n = self._fail_count
+        if not n:
+            return
+        cls, reason = self._fail_cls, self._fail_reason
+        self._fail_count, self._fail_cls, self._fail_reason = 0, Timeout, ""
+        raise cls(f"{n} emitted event(s) were not published: {reason}")
+
+    def _fail(self, items: list[_Item], cls: type[ProcwireError], reason: str) -> None:
+        """Record ``items`` as not published; call with ``_ocond`` held. The first reason
+        since the last raise is kept; the count covers them all."""
+        if not self._fail_count:
+            self._fail_cls, self._fail_reason = cls, reason
+        self._fail_count += len(items)
+        self.emit_failed += len(items)
+        for _cmd, _limit, box in items:
+            if box is not None:
+                box.append(None)
+
+    def _enqueue(self, cmds: list[bytes], timeout: float | None, box: list[Any] | None,
+                 block: bool = True) -> bool:
+        """Queue ``cmds`` in order for the flusher (False: no room and ``block`` is False).
+        Raises a pending flush failure first, and ``Timeout`` when there is no room in time."""
+        size = sum(len(c) for c in cmds)
+        n = len(cmds)
+        with self._ocond:
+            if self._closing:
+                raise ChannelClosed("this bus is closed")
+            self._raise_failure()
+            out = self._out
+            if out and (len(out) + n > self.outbox_max or self._out_bytes + size > _OUTBOX_BYTES):
+                if not block:
+                    return False
+                self.outbox_full += 1
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while out and (len(out) + n > self.outbox_max
+                               or self._out_bytes + size > _OUTBOX_BYTES):
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise Timeout(
+                            f"the outbox to Redis at {self.url} stayed full ({len(out)} events "
+                            f"queued) for {timeout} s: Redis is unreachable or slower than the "
+                            f"emits; {n} event(s) not queued")
+                    if self._closing:
+                        raise ChannelClosed("this bus is closed")
+                    self._room.wait(left)
+            limit = None if timeout is None else time.monotonic() + timeout
+            last = n - 1
+            for i, cmd in enumerate(cmds):
+                out.append((cmd, limit, box if i == last else None))
+            self._queued += n
+            self._out_bytes += size
+            if self._flusher_idle:
+                self._wake.notify()
+        return True
 
     def publish(self, name: str, data: Any, timeout: float | None) -> int:
-        return self._publish(self._ch, self._encode({"event": name, "data": data}), timeout)
+        """Queue the event for the flusher; -1 (the receiver count is not known yet)."""
+        cmd = self._event_command(name, data)
+        with self._olock:  # the common case in one short critical section
+            if (not self._closing and not self._fail_count and len(self._out) < self.outbox_max
+                    and self._out_bytes + len(cmd) <= _OUTBOX_BYTES):
+                self._out.append((cmd, None if timeout is None else time.monotonic() + timeout,
+                                  None))
+                self._queued += 1
+                self._out_bytes += len(cmd)
+                if self._flusher_idle:
+                    self._wake.notify()
+                return -1
+        self._enqueue([cmd], timeout, None)  # waits for room, raises a failure...
+        return -1
+
+    def publish_nowait(self, name: str, data: Any, timeout: float | None) -> int | None:
+        if self._enqueue([self._event_command(name, data)], timeout, None, block=False):
+            return -1
+        return None
+
+    def publish_confirmed(self, name: str, data: Any, timeout: float | None) -> int:
+        box: list[Any] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._enqueue([self._event_command(name, data)], timeout, box)
+        self._wait_box(box, deadline, timeout)
+        n = box[0]
+        if n is None:
+            with self._ocond:
+                self._raise_failure()
+            raise Timeout(f"the event was not published to Redis at {self.url}")
+        return int(n)
 
     def publish_many(self, events: list[tuple[str, Any]], timeout: float | None) -> None:
-        # Encode everything first: a bad event raises before anything is sent.
-        payloads = [self._encode({"event": name, "data": data}) for name, data in events]
-        if self._closed:
-            raise ChannelClosed("this bus is closed")
+        # Encode everything first: a bad event raises before anything is queued.
+        cmds = [self._event_command(name, data) for name, data in events]
+        if not cmds:
+            return
+        box: list[Any] = []
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.01
-        while True:
-            try:
-                pipe = self._client.pipeline(transaction=False)
-                for payload in payloads:
-                    pipe.publish(self._ch, payload)
-                pipe.execute()
-                return
-            except redis.AuthenticationError as exc:
-                raise AuthenticationError(f"Redis at {self.url}: {exc}") from exc
-            except _CONN_ERRORS as exc:
-                if self._closed:
-                    raise ChannelClosed("this bus is closed") from exc
+        self._enqueue(cmds, timeout, box)
+        self._wait_box(box, deadline, timeout)
+        with self._ocond:  # some of them (or earlier events) may have failed: say so now
+            self._raise_failure()
+        if box[0] is None:
+            raise Timeout(f"events were not published to Redis at {self.url}")
+
+    def _wait_box(self, box: list[Any], deadline: float | None, timeout: float | None) -> None:
+        with self._ocond:
+            while not box:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise Timeout(f"Redis at {self.url} unreachable for {timeout} s; "
-                                  f"{len(payloads)} events were not published ({exc})") from exc
-                time.sleep(delay if left is None else min(delay, left))
+                    raise Timeout(f"Redis at {self.url} did not confirm in {timeout} s (the "
+                                  "events stay queued; a failure is raised by a later call)")
+                self._done.wait(left)
+
+    def _drain(self, timeout: float | None) -> bool:
+        """Wait until everything queued so far is settled; False on timeout."""
+        with self._ocond:
+            target = self._queued
+            if self._settled >= target:
+                return True
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._settled < target:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._done.wait(left)
+            return True
+
+    def flush(self, timeout: float | None) -> None:
+        if not self._drain(timeout):
+            with self._ocond:
+                left = self._queued - self._settled
+            raise Timeout(f"{left} event(s) not yet confirmed by Redis at {self.url} after "
+                          f"{timeout} s (they stay queued)")
+        with self._ocond:
+            self._raise_failure()
+
+    def _flush_loop(self) -> None:
+        """The flusher thread: write everything queued as one pipeline, read the replies,
+        settle in order; on a connection error retry the rest until each event's deadline."""
+        delay = 0.01
+        ocond = self._ocond
+        try:
+            while True:
+                with ocond:
+                    while not self._out:
+                        if self._closing or self._closed:
+                            return
+                        self._flusher_idle = True
+                        try:
+                            self._wake.wait()
+                        finally:
+                            self._flusher_idle = False
+                    if self._halt.is_set():
+                        self._fail_rest()
+                        return
+                    first = self._settled + 1
+                    batch: list[bytes] = []
+                    size = 0
+                    for cmd, _d, _b in islice(self._out, _PIPELINE):
+                        batch.append(cmd)
+                        size += len(cmd)
+                        if size >= _PIPELINE_BYTES:
+                            break
+                results: list[Any] = []
+                error: BaseException | None = None
+                try:
+                    self._write_read(b"".join(batch), len(batch), results)
+                except _ANY_ERRORS as exc:
+                    error = exc
+                    self.flush_errors += 1
+                    if self._flush_conn is not None:  # reconnects on its next write
+                        self._flush_conn.disconnect()
+                    self._flush_reader = None
+                with ocond:
+                    self._settle(first, results)
+                    if error is None:
+                        delay = 0.01
+                        continue
+                    wait = self._expire(error)
+                if wait is None:
+                    continue
+                self._halt.wait(min(delay, wait))
                 delay = min(delay * 2, 0.25)
-            except redis.RedisError as exc:
-                raise ProtocolError(f"Redis at {self.url}: {exc}") from exc
+        except Exception:  # a bug: say so rather than leave emitters waiting silently
+            log.exception("procwire bus: the Redis flusher thread failed")
+            with ocond:
+                self._fail(list(self._out), ProtocolError, "the flusher thread failed (a bug)")
+                self._settle_failed(len(self._out))
+
+    def _write_read(self, data: bytes, n: int, results: list[Any]) -> None:
+        """Send one pipeline on the flusher's connection and append its ``n`` replies (an
+        error reply as an exception object) to ``results``, also when failing halfway."""
+        conn = self._flush_conn
+        if conn is None:
+            conn = self._flush_conn = self._new_connection()
+        if conn._sock is None:
+            conn.connect()  # AUTH, SELECT, TLS: redis-py's part
+            self._flush_reader = None
+        sock = conn._sock
+        if _hiredis is None:  # pragma: no cover - hiredis comes with procwire[redis]
+            conn.send_packed_command([data], check_health=False)
+            for _ in range(n):
+                try:
+                    results.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    results.append(exc)
+            return
+        # The replies are read in bulk with hiredis (C) straight from the socket: redis-py's
+        # per-reply read_response costs more CPU than the rest of an emit.
+        reader = self._flush_reader
+        if reader is None:
+            reader = self._flush_reader = _hiredis.Reader()
+        sock.sendall(data)
+        gets, feed, recv = reader.gets, reader.feed, sock.recv
+        while len(results) < n:
+            reply = gets()
+            if reply is False:
+                chunk = recv(65536)
+                if not chunk:
+                    raise redis.ConnectionError("Redis closed the connection")
+                feed(chunk)
+            else:
+                results.append(reply)
+
+    def _settle(self, first: int, results: list[Any]) -> None:
+        """The replies for the items from seq ``first`` on; call with ``_ocond`` held."""
+        skip = self._settled + 1 - first  # settled meanwhile by close(): already failed
+        out = self._out
+        bad: list[_Item] = []
+        for r in islice(results, max(0, skip), None):
+            item = out.popleft()
+            self._out_bytes -= len(item[0])
+            self._settled += 1
+            if isinstance(r, Exception):
+                bad.append(item)
+                continue
+            self.published += 1
+            if r == 0:
+                self.unheard += 1
+            box = item[2]
+            if box is not None:
+                box.append(r)
+        if results:
+            self.pipelines += 1
+        if bad:
+            why = next(r for r in results if isinstance(r, Exception))
+            self._fail(bad, ProtocolError, f"Redis at {self.url} refused them: {why}")
+        self._room.notify_all()
+        self._done.notify_all()
+
+    def _settle_failed(self, n: int) -> None:
+        """Drop the first ``n`` queued items (already recorded by ``_fail``)."""
+        out = self._out
+        for _ in range(n):
+            item = out.popleft()
+            self._out_bytes -= len(item[0])
+            self._settled += 1
+        self._room.notify_all()
+        self._done.notify_all()
+
+    def _fail_rest(self) -> None:
+        """Fail everything still queued (closing); call with ``_ocond`` held."""
+        if self._out:
+            self._fail(list(self._out), ChannelClosed,
+                       f"the bus was closed before Redis at {self.url} confirmed them")
+            self._settle_failed(len(self._out))
+
+    def _expire(self, error: BaseException) -> float | None:
+        """After a failed write: fail the queued events whose deadline passed; how long
+        until the oldest one left expires (None: nothing left or no limit... retry now)."""
+        now = time.monotonic()
+        expired: list[_Item] = []
+        for item in self._out:
+            limit = item[1]
+            if limit is None or limit > now:
+                break
+            expired.append(item)
+        if expired:
+            self._fail(expired, Timeout, f"Redis at {self.url} stayed unreachable until "
+                                         f"their emit timeout ({error})")
+            self._settle_failed(len(expired))
+        if not self._out:
+            return None
+        limit = self._out[0][1]
+        return 3600.0 if limit is None else max(0.0, limit - now)
+
+    def _responders(self, name: str, timeout: float | None) -> list[bytes]:
+        """The request channels of the buses handling ``name`` now (one per bus)."""
+        prefix = self._req_prefix + name.encode() + b":"
+        pattern = re.sub(rb"([\\*?\[\]])", rb"\\\1", prefix) + b"*"
+        found = self._call(lambda: self._client.pubsub_channels(pattern), timeout)
+        # "<channel>:request:a:*" also matches the channels of a name "a:b": a bus id has no ":"
+        chans = sorted(c for c in found if b":" not in c[len(prefix):])
+        if len(self._resp_cache) >= 1024:  # bounded: request names may be unbounded
+            self._resp_cache.clear()
+        self._resp_cache[name] = (time.monotonic(), chans)
+        return chans
 
     def request(self, name: str, request: dict[str, Any], timeout: float | None) -> int:
-        t0 = time.monotonic()
+        """Send the request to ONE bus that handles ``name``, rotating among them; 0 when none
+        does. The list of responders is cached for ``_RESPONDERS_TTL``; a responder that
+        has gone (PUBLISH counts 0 receivers) is skipped and the list fetched again."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._up.wait(timeout):
             raise Timeout(f"Redis at {self.url} unreachable for {timeout} s; the request was "
                           "not sent")
-        if timeout is not None:
-            timeout = max(0.0, timeout - (time.monotonic() - t0))
-        return self._publish(self._req_prefix + name.encode(), self._encode(request), timeout)
+        payload = self._encode(request)
+        cached = self._resp_cache.get(name)
+        if cached is None or not cached[1] or time.monotonic() - cached[0] > _RESPONDERS_TTL:
+            chans, fresh = self._responders(name, _left(deadline)), True
+        else:
+            chans, fresh = cached[1], False
+        tried: set[bytes] = set()
+        while True:
+            start = next(self._rr)
+            for k in range(len(chans)):
+                ch = chans[(start + k) % len(chans)]
+                if ch in tried:
+                    continue
+                tried.add(ch)
+                if self._publish(ch, payload, _left(deadline)) > 0:
+                    return 1
+            if fresh:
+                return 0
+            chans, fresh = self._responders(name, _left(deadline)), True
 
     def reply(self, reply_to: str, reply: dict[str, Any], timeout: float | None) -> None:
         self._publish(reply_to.encode(), self._encode(reply), timeout)
@@ -460,7 +889,7 @@ class RedisBackend(Backend):
                 pass  # the reader reconnects and subscribes to every channel again
 
     def add_responder(self, name: str, timeout: float | None) -> None:
-        ch = self._req_prefix + name.encode()
+        ch = self._req_prefix + name.encode() + self._req_suffix
         with self._lock:
             self._channels.add(ch)
             ev = self._confirmed.setdefault(ch, threading.Event())
@@ -470,7 +899,7 @@ class RedisBackend(Backend):
                           f"{timeout} s")
 
     def remove_responder(self, name: str, timeout: float | None) -> None:
-        ch = self._req_prefix + name.encode()
+        ch = self._req_prefix + name.encode() + self._req_suffix
         with self._lock:
             self._channels.discard(ch)
             self._confirmed.pop(ch, None)
@@ -480,13 +909,35 @@ class RedisBackend(Backend):
         return {"backend": "redis", "url": self.url, "channel": self.channel,
                 "connected": self.connected, "reconnects": self.reconnects,
                 "server_disconnects": self.server_disconnects,
-                "bad_messages": self.bad_messages}
+                "bad_messages": self.bad_messages, "published": self.published,
+                "unheard": self.unheard, "emit_failed": self.emit_failed,
+                "outbox": len(self._out), "outbox_max": self.outbox_max,
+                "outbox_full": self.outbox_full, "pipelines": self.pipelines,
+                "flush_errors": self.flush_errors}
 
     def close(self, timeout: float | None) -> None:
+        """Flush the outbox (up to ``timeout``), stop the threads, disconnect; then raise what
+        could not be published, if anything."""
         if self._closed:
             return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._ocond:
+            self._closing = True
+            self._wake.notify_all()
+            self._room.notify_all()
+        flusher = self._flusher
+        if flusher is not None and flusher.is_alive() and not self._drain(timeout):
+            self._halt.set()  # stop retrying: what is left fails, and is reported below
+            conn = self._flush_conn
+            sock = getattr(conn, "_sock", None)
+            if sock is not None:  # interrupt a read waiting on a dead server
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         self._closed = True
         self._stop.set()
+        self._halt.set()
         with self._wlock:
             sock = getattr(self._conn, "_sock", None)
         if sock is not None:  # wake the reader now rather than at its next poll
@@ -494,12 +945,21 @@ class RedisBackend(Backend):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        for thread in (flusher, self._thread):
+            if thread is not None and thread is not threading.current_thread():
+                left = None if deadline is None else max(0.1, deadline - time.monotonic())
+                thread.join(left)
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout if timeout is not None else None)
         if thread is None or not thread.is_alive():
             with self._wlock:
                 conn, self._conn = self._conn, None
             if conn is not None:
                 conn.disconnect()
+        fconn = self._flush_conn
+        if fconn is not None and (flusher is None or not flusher.is_alive()):
+            fconn.disconnect()
         self._client.close()
+        with self._ocond:
+            if flusher is None or not flusher.is_alive():
+                self._fail_rest()
+            self._raise_failure()

@@ -53,7 +53,7 @@ def emit(event: str, data: Annotated[str | None, typer.Argument(help="JSON")] = 
     value = _data(data)
     try:
         with Bus(url, channel=channel, timeout=timeout) as bus:
-            n = bus.emit(event, value, timeout=timeout)
+            n = bus.emit(event, value, timeout=timeout, confirm=True)
     except (ProcwireError, ValueError, TypeError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"delivered to {n} bus(es)", err=True)
