@@ -81,14 +81,15 @@ class HandleWire(SocketWire):
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock)
         self.fds = FdQueue()
-        self._rcvtimeo: float | None = None  # the socket's SO_RCVTIMEO (None: blocks forever)
+        #: The socket's receive timeout now (SO_RCVTIMEO; None: a read blocks until data).
+        self.rcvtimeo: float | None = None
 
     def recv_into(self, view: memoryview, timeout: float | None) -> int:
         # A kernel receive timeout instead of a poll() before each read: the reply of a
         # request/reply costs one syscall. It is reset only when the wanted timeout differs
         # by more than 1 ms or 1% (callers pass "what is left of the deadline", a slightly
         # different float each time).
-        cur = self._rcvtimeo
+        cur = self.rcvtimeo
         if timeout != cur and (timeout is None or cur is None
                                or abs(timeout - cur) > max(0.001, 0.01 * timeout)):
             if timeout is not None and timeout <= 0:
@@ -109,7 +110,7 @@ class HandleWire(SocketWire):
         sec = int(t)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                              _TIMEVAL.pack(sec, int((t - sec) * 1e6)))
-        self._rcvtimeo = timeout
+        self.rcvtimeo = timeout
 
     def send_with_fds(self, data: bytes, fds: list[int], timeout: float | None) -> None:
         """Write all of ``data``, the descriptors attached to its first byte. The caller makes
@@ -242,6 +243,10 @@ class AsyncHandleStream:
         if frames:
             self._inbox.extend(convert_all(frames, self._convert, self._safe_convert))
             self._inbox_bytes += sum(len(f) for f in frames)
+            try:
+                dec.get_buffer()  # raises an error found after these lines (a line too long)
+            except ProtocolError as exc:
+                self._set_eof(exc)  # receive() still returns the lines first
             self._wake()
             if self._inbox_bytes >= self._inbox_limit:
                 self._pause_reading()
