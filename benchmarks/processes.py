@@ -438,6 +438,36 @@ METHODS: dict[str, Callable[[dict[str, Any]], dict[str, float]]] = {
 RELAY = ("procwire cluster relay", "node cluster relay")
 
 
+#: Each method's ratios are taken against this one, repetition by repetition.
+BASELINE = {name: ("node cluster relay" if name in RELAY else "node fork") for name in METHODS}
+
+
+def print_ratios(results: dict[str, list[dict[str, float]]]) -> None:
+    """Per repetition, each method against its Node baseline measured in that repetition:
+    RTT p50 ratio (below 1: faster than Node) and throughput ratio (above 1: more than Node);
+    median [min-max] over the repetitions where both ran."""
+    rows = []
+    for name, runs in results.items():
+        base = BASELINE[name]
+        if name == base or base not in results:
+            continue
+        pairs = list(zip(runs, results[base], strict=False))
+        if len(runs) != len(results[base]) or not pairs:
+            continue  # a failed run: the repetitions no longer line up
+        rtt = [r["p50_us"] / b["p50_us"] for r, b in pairs]
+        tput = [r["msgs_per_s"] / b["msgs_per_s"] for r, b in pairs]
+        rows.append(f"| {name} / {base} | {_spread(rtt)} | {_spread(tput)} |")
+    if rows:
+        print("| ratio, same repetition | RTT p50 (< 1: faster) | throughput (> 1: more) |")
+        print("| --- | ---: | ---: |")
+        print("\n".join(rows))
+        print()
+
+
+def _spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 repetition, shorter runs")
@@ -480,6 +510,7 @@ def main() -> int:
             print(f"| {name} | {med['p50_us']:.1f} | {med['p99_us']:.1f} | "
                   f"{med['msgs_per_s']:,.0f} |")
         print()
+    print_ratios(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 1 if failed else 0

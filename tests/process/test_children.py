@@ -126,6 +126,23 @@ def test_recv_timeout(spawned: Spawned) -> None:
     assert child.recv(timeout=10) == 1
 
 
+def test_recv_timeout_follows_each_call(spawned: Spawned) -> None:
+    # The socket's receive timeout is only reset when the asked one moves by over 1%: a
+    # caller counting down a deadline must still get its own timeout, not a stale one.
+    child = spawned(_targets.echo)
+    t = 20.0
+    for i in range(300):
+        child.send(i)
+        assert child.recv(timeout=t) == i
+        t *= 0.995  # within 1% of the previous one each time, 20 s down to 4.4 s
+    start = time.monotonic()
+    with pytest.raises(procwire.Timeout):
+        child.recv(timeout=0.2)
+    assert time.monotonic() - start < 3.0  # not the 20 s or 4.4 s set earlier
+    child.send("on")
+    assert child.recv(timeout=t) == "on"
+
+
 def test_internal_messages_not_delivered(spawned: Spawned) -> None:
     child = spawned(_targets.echo)
     child.send({"cmd": "NODE_CLUSTER", "act": "online"})

@@ -125,13 +125,13 @@ class NodeStream(FramedStream):
         if not self._idle:
             self._flush_before_wait()
         with self._rlock:
-            wire = self._hwire
-            cur = wire.rcvtimeo
-            if (self._pending or self._eof is not None or self._forked
-                    or (timeout != cur and (timeout is None or cur is None or timeout <= 0
-                                            or abs(timeout - cur) > max(0.001, 0.01 * timeout)))):
-                # The general path; it also sets the socket's receive timeout for next time.
+            if self._pending or self._eof is not None or self._forked:
                 return self._slow(timeout)
+            wire = self._hwire
+            if timeout != wire.asked_timeout:
+                if timeout is not None and timeout <= 0:
+                    return self._slow(timeout)  # a poll, no read
+                wire.set_rcvtimeo(timeout)  # a syscall only when it changes by over 1%
             dec = self._dec
             try:
                 n, anc, _flags, _addr = self._recvmsg_into([dec.get_buffer()], _ANC_SIZE,
@@ -386,9 +386,10 @@ class IpcChannel:
 
     def __iter__(self) -> Iterator[Any]:
         """Messages until the peer closes the channel (or exits)."""
+        recv = self.recv
         while True:
             try:
-                yield self.recv()
+                yield recv()
             except (ConnectionClosed, ChannelClosed):
                 return
 

@@ -393,6 +393,14 @@ class StrictLinesDecoder(JsonLinesDecoder):
 
     __slots__ = ()
 
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes go. Invalidates payloads returned earlier."""
+        if self._start == self._end and self._error is None:
+            # Everything was delivered (the usual case): the whole buffer, no new view.
+            self._start = self._end = self._nl_from = 0
+            return self._mv
+        return super().get_buffer()
+
     def buffer_updated(self, nbytes: int) -> list[memoryview]:
         """``nbytes`` were written into the last buffer; returns the lines completed."""
         self._end = end = self._end + nbytes
