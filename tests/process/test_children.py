@@ -86,6 +86,21 @@ def test_killed_child(spawned: Spawned) -> None:
             child.send("more")
 
 
+def test_terminated_child(spawned: Spawned) -> None:
+    child = spawned(_targets.echo)
+    child.send("ping")
+    assert child.recv(timeout=10) == "ping"
+    assert child.returncode is None
+    child.terminate()
+    with pytest.raises(pp.ChildExited) as info:
+        child.recv(timeout=10)
+    assert info.value.returncode == -signal.SIGTERM and "SIGTERM" in str(info.value)
+    assert child.wait(timeout=10) == -signal.SIGTERM == child.returncode
+    assert gone(child.pid)
+    child.terminate()  # an ended child: nothing happens
+    child.kill()
+
+
 def test_exception_in_child(spawned: Spawned) -> None:
     child = spawned(_targets.fail, stderr=subprocess.PIPE)
     with pytest.raises(pp.ChildExited) as info:
