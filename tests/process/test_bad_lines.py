@@ -51,6 +51,55 @@ def test_bad_lines_from_a_child(spawned: Spawned) -> None:
     assert gone(child.pid)
 
 
+# The same lines one at a time, each when the parent asks for it: each is then one read.
+STEP_CHILD = (
+    "import os, socket\n"
+    "s = socket.socket(fileno=int(os.environ['NODE_CHANNEL_FD']))\n"
+    f"for line in {BAD!r}.splitlines(keepends=True) + [b'\"' + b'x' * 200 + b'\"\\n']:\n"
+    "    if not s.recv(100):\n"
+    "        raise SystemExit(3)\n"
+    "    s.sendall(line)\n"
+    "s.recv(1)\n"
+)
+
+
+@pytest.mark.parametrize("api", ["blocking", "asyncio"])
+def test_bad_lines_one_per_read(spawned: Spawned, api: str) -> None:
+    async def main() -> list[object]:
+        child = await spawned.aspawn([sys.executable, "-c", STEP_CHILD], max_frame_size=100)
+        got: list[object] = []
+        for _ in range(8):
+            await child.send("next")
+            try:
+                got.append(await child.recv(timeout=0.5))
+            except procwire.Timeout:
+                got.append("nothing")
+            except procwire.ProtocolError as exc:
+                got.append(type(exc).__name__)
+        with pytest.raises(procwire.ProtocolError):
+            await child.recv(timeout=0.5)  # for good
+        await child.stop()
+        return got
+
+    if api == "asyncio":
+        got = asyncio.run(main())
+    else:
+        child = spawned([sys.executable, "-c", STEP_CHILD], max_frame_size=100)
+        got = []
+        for _ in range(8):
+            child.send("next")
+            try:
+                got.append(child.recv(timeout=0.5))
+            except procwire.Timeout:
+                got.append("nothing")  # a blank line: nothing to deliver
+            except procwire.ProtocolError as exc:
+                got.append(type(exc).__name__)
+        with pytest.raises(procwire.ProtocolError):
+            child.recv(timeout=0.5)  # for good
+    assert got == ["DecodeError", "DecodeError", "DecodeError", "nothing", "nothing",
+                   "DecodeError", [1], "FrameTooLarge"]
+
+
 def test_bad_lines_from_a_child_asyncio(spawned: Spawned) -> None:
     async def main() -> None:
         child = await spawned.aspawn([sys.executable, "-c", RAW_CHILD], max_frame_size=100)

@@ -36,6 +36,7 @@ _monotonic = time.monotonic
 _perf = time.perf_counter
 # Larger payloads go out with gather writes and no copy (``FramedStream._send_large``).
 _SMALL_LINE = 16 * 1024
+_READ_SIZE = 64 * 1024  # a read that bypasses the decoder (NodeStream.receive)
 
 
 class CodecLines(JsonLines):
@@ -66,11 +67,15 @@ class NodeStream(FramedStream):
 
     A request/reply over a parent/child channel pays the library's per-message cost on every
     hop, and right after a wake-up (cold caches) each Python call costs several times its warm
-    price. So: a blocking ``receive`` with nothing pending is one ``recvmsg_into`` straight
-    into the decoder's buffer, one split, one decode (anything else, such as a partial line,
-    a changed timeout, end of file or a fork, takes ``FramedStream``'s general path); and
-    ``send`` writes to the socket directly, as ``FramedStream`` does for a plain socket (a
-    ``HandleWire`` is one, with descriptor passing on top).
+    price. So: a blocking ``receive`` with nothing pending is one ``recvmsg`` and, when it
+    returns exactly one line, one decode of those bytes; otherwise they go through the
+    decoder (several lines, part of a line, blank lines, a line that is not JSON), and while
+    it holds part of a line the next reads go straight into its buffer. End of file, a fork
+    or a poll (``timeout=0``) take ``FramedStream``'s general path. ``send`` of a reply (the
+    first send after a receive) encodes and writes in one go, ``FramedStream.send`` does the
+    rest (bursts, queueing, large messages); it writes to the socket directly, as
+    ``FramedStream`` does for a plain socket (a ``HandleWire`` is one, with descriptor
+    passing on top).
     """
 
     def __init__(self, wire: HandleWire, opts: TransportOptions, *, local_address: str,
@@ -79,7 +84,13 @@ class NodeStream(FramedStream):
                          remote_address=remote_address,
                          framing=CodecLines(opts.max_frame_size))
         self._hwire = wire
+        self._recvmsg = wire.sock.recvmsg
         self._recvmsg_into = wire.sock.recvmsg_into
+        self._clean = True  # the decoder holds no byte: the next read may bypass it
+        lines = self._dec
+        assert isinstance(lines, StrictLinesDecoder)
+        self._lines = lines
+        self._line_limit = opts.max_frame_size + 1  # a whole line read as bytes, "\n" included
         self._sock_send = self._send_now = wire.sock.send
         # JSON only (the framing's premise): the fast path encodes with msgspec itself and
         # leaves errors, and the NaN check, to the codec.
@@ -132,36 +143,88 @@ class NodeStream(FramedStream):
                 if timeout is not None and timeout <= 0:
                     return self._slow(timeout)  # a poll, no read
                 wire.set_rcvtimeo(timeout)  # a syscall only when it changes by over 1%
-            dec = self._dec
+            if not self._clean:
+                return self._read_more(timeout)
+            # The decoder holds nothing: read as bytes; when they are one whole line (every
+            # hop of a request/reply), decode them as they are (JSON allows the whitespace
+            # around a value, "\n" included) and leave the decoder out.
             try:
-                n, anc, _flags, _addr = self._recvmsg_into([dec.get_buffer()], _ANC_SIZE,
-                                                           _RECV_FLAGS)
+                data, anc, _flags, _addr = self._recvmsg(_READ_SIZE, _ANC_SIZE, _RECV_FLAGS)
             except BlockingIOError:
                 raise Timeout(f"no message within {timeout} s") from None
             except OSError as exc:
                 raise self._read_failed(exc) from exc
-            except ProtocolError as exc:  # a line too long, after the lines before it
-                raise self._bad_input(exc) from None
             if anc:
                 wire.fds.take_anc(anc)
+            n = len(data)
             if n == 0:
                 return self._at_eof()
-            try:
-                frames = dec.buffer_updated(n)
-            except ProtocolError as exc:
-                raise self._bad_input(exc) from None
-            if not frames:
-                return self._slow(timeout)  # part of a line: wait for the rest
-            # Something arrived: the next send answers it, so it is written at once even if
-            # it follows our previous send closely (a request/reply is no burst).
-            self._last_send = 0.0
-            convert = self._convert
-            try:
-                if len(frames) == 1:
-                    return [convert(frames[0])]
-                return [convert(f) for f in frames]
-            except Exception:
-                return convert_all(frames, convert, self._safe_convert)
+            if data[-1] == 10 and n <= self._line_limit and data.find(b"\n", 0, n - 1) < 0:
+                try:
+                    item = self._convert(data)
+                except Exception:
+                    pass  # a blank line, or not one value: the decoder says which
+                else:
+                    # Something arrived: the next send answers it, so it is written at once
+                    # even if it follows our previous send closely (a reply is no burst).
+                    self._last_send = 0.0
+                    return [item]
+            return self._take(data, timeout)
+
+    def _take(self, data: bytes, timeout: float | None) -> list[Any]:
+        # _rlock held: bytes read past the decoder that were not one whole line.
+        dec = self._lines
+        out: list[Any] = []
+        view = memoryview(data)
+        try:
+            while view:
+                buf = dec.get_buffer()
+                k = min(len(buf), len(view))
+                buf[:k] = view[:k]
+                view = view[k:]
+                frames = dec.buffer_updated(k)
+                if frames:  # converted now: the next get_buffer() may move the bytes
+                    out += convert_all(frames, self._convert, self._safe_convert)
+        except ProtocolError as exc:
+            self._bad_input(exc)  # a line too long: after the lines before it, if any
+            if not out:
+                raise
+            return out
+        self._clean = dec.buffered() == 0
+        if not out:
+            return self._read_more(timeout)  # blank lines, or part of a line
+        self._last_send = 0.0
+        return out
+
+    def _read_more(self, timeout: float | None) -> list[Any]:
+        # _rlock held; the decoder holds part of a line (or nothing yet): read into it.
+        dec = self._lines
+        try:
+            n, anc, _flags, _addr = self._recvmsg_into([dec.get_buffer()], _ANC_SIZE,
+                                                       _RECV_FLAGS)
+        except BlockingIOError:
+            raise Timeout(f"no message within {timeout} s") from None
+        except OSError as exc:
+            raise self._read_failed(exc) from exc
+        except ProtocolError as exc:  # a line too long, after the lines before it
+            raise self._bad_input(exc) from None
+        if anc:
+            self._hwire.fds.take_anc(anc)
+        if n == 0:
+            return self._at_eof()
+        try:
+            frames = dec.buffer_updated(n)
+        except ProtocolError as exc:
+            raise self._bad_input(exc) from None
+        self._clean = dec.buffered() == 0
+        if not frames:
+            return self._slow(timeout)  # part of a line: wait for the rest
+        self._last_send = 0.0
+        convert = self._convert
+        try:
+            return [convert(f) for f in frames]
+        except Exception:
+            return convert_all(frames, convert, self._safe_convert)
 
     def _slow(self, timeout: float | None) -> list[Any]:
         try:
@@ -170,6 +233,8 @@ class NodeStream(FramedStream):
             if self._eof is None:  # the decoder's, raised by its get_buffer()
                 self._bad_input(exc)
             raise
+        finally:
+            self._clean = self._lines.buffered() == 0
 
     def _bad_input(self, exc: ProtocolError) -> ProtocolError:
         # _rlock held. The stream cannot be resynchronised: every later call raises this.

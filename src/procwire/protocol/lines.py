@@ -445,6 +445,10 @@ class StrictLinesDecoder(JsonLinesDecoder):
         self._error = exc  # raised by the next get_buffer(), after these lines are used
         return out
 
+    def buffered(self) -> int:
+        """Bytes received and not yet delivered or skipped (whitespace included)."""
+        return self._end - self._start
+
     def pending(self) -> int:
         """Bytes received after the last newline that are not whitespace."""
         n = self._end - self._start
