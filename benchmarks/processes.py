@@ -14,6 +14,9 @@ Methods, measured in the same run:
   ``on('message')`` (``src/procwire/bench/node_fork_bench.js``, which forks its own child).
 * ``procwire py<->node``: ``procwire.process.spawn(["node", ...])``: a Python parent with that
   same Node child script.
+* ``raw socket py<->py``: the floor, no library and no JSON: a socketpair to a Python child
+  that echoes (latency) or counts (throughput) the bytes of newline-terminated lines with
+  ``socket.recv`` / ``send``; the parent sends each message with one ``send`` (no coalescing).
 
 Cluster relay (worker 1 -> primary -> worker 2), measured in the same run:
 
@@ -199,6 +202,78 @@ def _recv_within(conn: Any, timeout: float) -> Any:
     if not conn.poll(timeout):
         raise TimeoutError(f"no reply within {timeout} s")
     return conn.recv()
+
+
+#: The floor: a Python child echoing (``lat``) or counting (``tput``) raw newline-terminated
+#: lines on a socketpair, no JSON, no library; ``sys.argv[1]`` is the mode, ``[2]`` the fd.
+RAW_CHILD = r"""
+import socket, sys
+s = socket.socket(fileno=int(sys.argv[2]))
+recv, send = s.recv, s.send
+if sys.argv[1] == "lat":
+    while True:
+        data = recv(65536)
+        if not data or data.startswith(b'{"event":"end"'):
+            break
+        send(data)
+else:
+    n = 0
+    while True:
+        data = recv(65536)
+        if not data:
+            break
+        n += data.count(b"\n")
+        if data.endswith(b'{"event":"end"}\n'):
+            s.sendall(b'{"event":"done","received":%d}\n' % (n - 1))
+            break
+"""
+
+
+def run_raw_socket(settings: dict[str, Any]) -> dict[str, float]:
+    import socket
+
+    line = json.dumps(MSG, separators=(",", ":")).encode() + b"\n"
+    end = json.dumps(END, separators=(",", ":")).encode() + b"\n"
+    out: dict[str, float] = {}
+    for mode in ("lat", "tput"):
+        ours, theirs = socket.socketpair()
+        proc = subprocess.Popen([sys.executable, "-c", RAW_CHILD, mode, str(theirs.fileno())],
+                                pass_fds=[theirs.fileno()])
+        theirs.close()
+        try:
+            ours.settimeout(60)
+            out.update(_raw_run(ours, mode, line, end, settings))
+        finally:
+            ours.close()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return out
+
+
+def _raw_run(sock: Any, mode: str, line: bytes, end: bytes,
+             settings: dict[str, Any]) -> dict[str, float]:
+    def send(_msg: Any) -> None:
+        sock.sendall(line)
+
+    def recv() -> bytes:
+        data: bytes = sock.recv(65536)
+        return data
+
+    if mode == "lat":
+        result = latency(send, recv, settings["warmup"], settings["lat_count"],
+                         settings["seconds"])
+        sock.sendall(end)
+        return result
+    t0 = _now()
+    sent = burst(send, settings["count"], settings["seconds"])
+    sock.sendall(end)
+    done = json.loads(sock.recv(65536))
+    if done["received"] != sent:
+        raise RuntimeError(f"sent {sent}, child received {done['received']}")
+    return {"msgs_per_s": sent / ((_now() - t0) / 1e9)}
 
 
 def run_mp_pipe(settings: dict[str, Any]) -> dict[str, float]:
@@ -432,6 +507,7 @@ METHODS: dict[str, Callable[[dict[str, Any]], dict[str, float]]] = {
     "mp.Pipe": run_mp_pipe,
     "node fork": run_node_fork,
     "procwire py<->node": run_procwire_node,
+    "raw socket py<->py": run_raw_socket,
     "procwire cluster relay": run_procwire_relay,
     "node cluster relay": run_node_relay,
 }
