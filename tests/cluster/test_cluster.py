@@ -191,6 +191,22 @@ def test_on_message_callback(clusters: Clusters) -> None:
         cluster.recv(timeout=0.1)  # callbacks take the messages
 
 
+def test_messages_iterator(clusters: Clusters) -> None:
+    cluster = clusters(_targets.echo, workers=2).start(timeout=30)
+    got = []
+    for msg in cluster:  # for m in cluster: every worker message, until the cluster stops
+        got.append(msg)
+        if len(got) == 2:
+            break
+    assert sorted(m.sender for m in got) == [1, 2] and all("hello" in m.data for m in got)
+    cluster.broadcast("ping")
+    # messages(timeout=): until none comes within the timeout
+    answers = list(cluster.messages(timeout=2))
+    assert sorted((m.sender, m.data["got"]) for m in answers) == [(1, "ping"), (2, "ping")]
+    cluster.stop()
+    assert list(cluster) == []  # stopped, nothing left: the iteration ends
+
+
 def test_stop_kills_what_ignores_sigterm(clusters: Clusters) -> None:
     cluster = clusters(_targets.stubborn, workers=2).start(timeout=30)
     pids = [m.data["pid"] for m in collect(cluster, 2)]

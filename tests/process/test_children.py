@@ -122,6 +122,21 @@ def test_stderr_passes_through(tmp_path: Path) -> None:
     assert proc.stdout.strip() == "0"
 
 
+def test_stderr_passes_through_stdio_channel() -> None:
+    # channel="stdio": stdout carries the messages, stderr is still the parent's.
+    child_code = ("import sys\n"
+                  "sys.stderr.write('stdio-child-stderr\\n'); sys.stderr.flush()\n"
+                  "sys.stdout.write('{\"ok\":1}\\n'); sys.stdout.flush()\n")
+    code = ("import sys, procwire.process as pp\n"
+            f"c = pp.spawn([sys.executable, '-c', {child_code!r}], channel='stdio')\n"
+            "print(c.recv(timeout=10), c.wait(timeout=10))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, env=dict(os.environ, PYTHONPATH=SRC))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "stdio-child-stderr\n"
+    assert proc.stdout.strip() == "{'ok': 1} 0"
+
+
 def test_nan_refused_channel_intact(spawned: Spawned) -> None:
     child = spawned(_targets.echo)
     for bad in (float("nan"), {"x": float("inf")}, [float("-inf")]):

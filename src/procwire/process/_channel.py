@@ -71,11 +71,11 @@ class NodeStream(FramedStream):
     returns exactly one line, one decode of those bytes; otherwise they go through the
     decoder (several lines, part of a line, blank lines, a line that is not JSON), and while
     it holds part of a line the next reads go straight into its buffer. End of file, a fork
-    or a poll (``timeout=0``) take ``FramedStream``'s general path. ``send`` of a reply (the
-    first send after a receive) encodes and writes in one go, ``FramedStream.send`` does the
-    rest (bursts, queueing, large messages); it writes to the socket directly, as
-    ``FramedStream`` does for a plain socket (a ``HandleWire`` is one, with descriptor
-    passing on top).
+    or a poll (``timeout=0``) take ``FramedStream``'s general path. ``send_reply`` sends a
+    reply (the first send after a receive) with one encode and one write; ``send`` (bursts,
+    queueing, large messages) is ``FramedStream``'s, which here writes to the socket
+    directly as for a plain socket (a ``HandleWire`` is one, with descriptor passing on
+    top).
     """
 
     def __init__(self, wire: HandleWire, opts: TransportOptions, *, local_address: str,
@@ -98,11 +98,11 @@ class NodeStream(FramedStream):
         self._checked_encode = JsonCodec().encode
         self.set_encoder(self._checked_encode)
 
-    def send(self, obj: Any, timeout: float | None = None) -> None:
-        """Send one message (see ``FramedStream.send``); a reply, the first send after a
-        receive with nothing queued, is encoded and written here in one go."""
-        if self._last_send != 0.0 or not self._idle:
-            return super().send(obj, timeout)  # maybe a burst, or something is queued
+    def send_reply(self, obj: Any, timeout: float | None = None) -> None:
+        """``send`` of a reply, for a caller that saw ``_last_send == 0.0`` (a receive came
+        since the last send) and ``_idle`` (nothing queued): encoded and written here in one
+        go, with ``send``'s semantics (a send right after it starts a burst; what the kernel
+        does not take is queued)."""
         try:
             payload = self._json(obj)
         except Exception:
@@ -269,6 +269,7 @@ class IpcChannel:
         self._framing = JsonLines(max_frame_size)
         self._stream = stream
         self._receive = stream.receive
+        self._node_stream = stream if isinstance(stream, NodeStream) else None
         self._wire = wire
         self._codec = codec
         stream.set_converter(codec.fast_decode, codec.decode)
@@ -315,8 +316,14 @@ class IpcChannel:
         if handle is not None:
             self._send_handle(msg, handle, timeout)
             return
+        ns = self._node_stream
         with self._slock:
-            self._stream.send(msg, timeout)
+            # A reply (see NodeStream.send_reply); checked here, not in a call: this
+            # runs for every message of a burst.
+            if ns is not None and ns._last_send == 0.0 and ns._idle:
+                ns.send_reply(msg, timeout)
+            else:
+                self._stream.send(msg, timeout)
 
     def _send_handle(self, msg: Any, handle: Any, timeout: float | None) -> None:
         if self._wire is None or self._node is None:
