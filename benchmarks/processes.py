@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/processes.py            # 3 repetitions, about a minute
     .venv/bin/python benchmarks/processes.py --quick    # 1 repetition, shorter runs
     .venv/bin/python benchmarks/processes.py --json out.json
+    .venv/bin/python benchmarks/processes.py --paired 60   # RTT only, alternating batches
 
 Methods, measured in the same run:
 
@@ -502,6 +503,124 @@ def run_node_relay(settings: dict[str, Any]) -> dict[str, float]:
             "msgs_per_s": tput["received"] / (int(tput["elapsed_ns"]) / 1e9)}
 
 
+#: Paired latency: a Node parent that forks a Node echo child, then runs one batch of round
+#: trips per line read on stdin ("<n>"; "0" ends it) and answers each with the batch's
+#: round-trip times in ns as one JSON line.
+NODE_PAIRED_JS = r"""
+'use strict';
+const { fork } = require('child_process');
+if (process.argv[2] === 'child') {
+  process.on('disconnect', () => process.exit(0));
+  process.on('message', (m) => process.send(m));
+  return;
+}
+const size = Number(process.argv[2]);
+const msg = { event: 'task', data: 'x'.repeat(size) };
+const child = fork(__filename, ['child'], { serialization: 'json',
+                                            stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+const watchdog = setTimeout(() => { child.kill('SIGKILL'); process.exit(2); }, 600000);
+let onReply = null;
+child.on('message', () => onReply());
+const lines = require('readline').createInterface({ input: process.stdin });
+lines.on('line', (line) => {
+  const n = Number(line);
+  if (!n) { clearTimeout(watchdog); child.disconnect(); lines.close(); return; }
+  const rtts = [];
+  let t = 0n;
+  const next = () => { t = process.hrtime.bigint(); child.send(msg); };
+  onReply = () => {
+    rtts.push(Number(process.hrtime.bigint() - t));
+    if (rtts.length < n) next(); else process.stdout.write(JSON.stringify(rtts) + '\n');
+  };
+  next();
+});
+"""
+
+
+def paired_latency(batches: int, batch: int) -> None:
+    """RTT p50 of procwire py<->py, Node fork and mp.Pipe in alternating batches of ``batch``
+    round trips (the order rotated each time), all three channels open at once: each method
+    is measured in the same seconds as the others, which a shared, busy machine needs. Prints
+    the p50 of all round trips and the per-batch p50 ratios, median [min-max]."""
+    import select
+
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node not found on PATH")
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp, pp.spawn(pw_echo) as child:
+        script = Path(tmp) / "paired.js"
+        script.write_text(NODE_PAIRED_JS)
+        proc = subprocess.Popen([node, str(script), str(SIZE)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, start_new_session=True)
+        a, b = ctx.Pipe()
+        mp_child = ctx.Process(target=mp_echo, args=(b,), daemon=True)
+        mp_child.start()
+        b.close()
+        assert proc.stdin is not None and proc.stdout is not None
+        stdin, stdout = proc.stdin, proc.stdout
+
+        def node_batch(n: int) -> list[int]:
+            stdin.write(f"{n}\n".encode())
+            stdin.flush()
+            if not select.select([stdout], [], [], 60)[0]:
+                raise RuntimeError("the Node parent did not answer within 60 s")
+            rtts: list[int] = json.loads(stdout.readline())
+            return rtts
+
+        def timed(send: Callable[[Any], None], recv: Callable[[], Any], n: int) -> list[int]:
+            out = []
+            for _ in range(n):
+                t = _now()
+                send(MSG)
+                recv()
+                out.append(_now() - t)
+            return out
+
+        runs: dict[str, Callable[[int], list[int]]] = {
+            "procwire py<->py": lambda n: timed(child.send, lambda: child.recv(timeout=30), n),
+            "node fork": node_batch,
+            "mp.Pipe": lambda n: timed(a.send, lambda: _recv_within(a, 30), n),
+        }
+        try:
+            for run in runs.values():
+                run(500)  # warm-up
+            samples: dict[str, list[int]] = {k: [] for k in runs}
+            p50s: dict[str, list[float]] = {k: [] for k in runs}
+            names = list(runs)
+            for i in range(batches):
+                for name in names[i % 3:] + names[:i % 3]:
+                    rtts = sorted(runs[name](batch))
+                    samples[name] += rtts
+                    p50s[name].append(rtts[len(rtts) // 2])
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.write(b"0\n")
+                stdin.close()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            a.send(END)
+            a.close()
+            mp_child.join(10)
+            if mp_child.is_alive():
+                mp_child.kill()
+                mp_child.join()
+            child.send(END)
+    print(f"| paired RTT, {batches} x {batch} round trips each, alternating | RTT p50 (µs) | "
+          "RTT p99 (µs) | p50 ratio to node fork, per batch |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in names:
+        xs = sorted(samples[name])
+        ratios = [x / y for x, y in zip(p50s[name], p50s["node fork"], strict=True)]
+        ratio = "1" if name == "node fork" else _spread(ratios)
+        print(f"| {name} | {xs[len(xs) // 2] / 1000:.1f} | "
+              f"{xs[min(len(xs) - 1, int(len(xs) * 0.99))] / 1000:.1f} | {ratio} |")
+    print()
+
+
 METHODS: dict[str, Callable[[dict[str, Any]], dict[str, float]]] = {
     "procwire py<->py": run_procwire_py,
     "mp.Pipe": run_mp_pipe,
@@ -551,7 +670,13 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write every measurement here")
     ap.add_argument("--only", action="append", choices=list(METHODS), default=None,
                     help="run only this method (repeatable)")
+    ap.add_argument("--paired", type=int, default=0, metavar="BATCHES",
+                    help="instead: RTT of procwire py<->py, node fork and mp.Pipe in this "
+                         "many alternating batches of 1000 round trips")
     args = ap.parse_args()
+    if args.paired:
+        paired_latency(args.paired, 1000)
+        return 0
     reps = args.reps or (1 if args.quick else 3)
     settings = {"warmup": 500, "lat_count": 5000 if args.quick else 20000,
                 "count": 200_000 if args.quick else 1_000_000,
