@@ -17,6 +17,9 @@ The decoder is lenient in what it accepts, because naive peers are:
   complete only when followed by whitespace, a newline or another value (``1 2`` is two
   messages; ``12`` is one).
 
+(``StrictLinesDecoder``, for Node's IPC channel, reads as Node does instead: one value per
+newline-terminated line, nothing delivered before its newline; see its docstring.)
+
 A newline always ends a message: a value never spans lines (so pretty-printed, multi-line JSON
 is not understood, and one garbage line cannot swallow the lines after it). Text that is not
 JSON is delivered, up to the end of its line, as one payload, which the json codec then reports
