@@ -80,15 +80,12 @@ def children_of(pid: int) -> set[int]:
     return out
 
 
-@pytest.fixture(autouse=True)
-def no_process_left_behind() -> Iterator[None]:
-    """After each test (and the teardown of its other fixtures): no child of this process is
-    left running or unreaped. A leftover is killed and reaped, and reported as an error."""
-    before = children_of(os.getpid())
-    yield
-    deadline = time.monotonic() + 5
+def kill_left_behind(before: set[int], grace: float = 5.0) -> list[int]:
+    """Children of this process that are not in ``before`` once ``grace`` seconds have let
+    any exit in progress be reaped: each is killed and reaped; returns their pids."""
+    deadline = time.monotonic() + grace
     left = children_of(os.getpid()) - before
-    while left and time.monotonic() < deadline:  # exits still being reaped elsewhere
+    while left and time.monotonic() < deadline:
         time.sleep(0.05)
         left = children_of(os.getpid()) - before
     for pid in left:
@@ -97,8 +94,18 @@ def no_process_left_behind() -> Iterator[None]:
             os.waitpid(pid, 0)
         except OSError:
             pass
+    return sorted(left)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """After each test (and the teardown of its other fixtures): no child of this process is
+    left running or unreaped. A leftover is killed and reaped, and reported as an error."""
+    before = children_of(os.getpid())
+    yield
+    left = kill_left_behind(before)
     if left:
-        pytest.fail(f"processes left behind (killed now): {sorted(left)}")
+        pytest.fail(f"processes left behind (killed now): {left}")
 
 
 @pytest.fixture
