@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/processes.py            # 3 repetitions, about a minute
     .venv/bin/python benchmarks/processes.py --quick    # 1 repetition, shorter runs
     .venv/bin/python benchmarks/processes.py --json out.json
+    .venv/bin/python benchmarks/processes.py --paired 60   # RTT only, alternating batches
 
 Methods, measured in the same run:
 
@@ -14,6 +15,9 @@ Methods, measured in the same run:
   ``on('message')`` (``src/procwire/bench/node_fork_bench.js``, which forks its own child).
 * ``procwire py<->node``: ``procwire.process.spawn(["node", ...])``: a Python parent with that
   same Node child script.
+* ``raw socket py<->py``: the floor, no library and no JSON: a socketpair to a Python child
+  that echoes (latency) or counts (throughput) the bytes of newline-terminated lines with
+  ``socket.recv`` / ``send``; the parent sends each message with one ``send`` (no coalescing).
 
 Cluster relay (worker 1 -> primary -> worker 2), measured in the same run:
 
@@ -199,6 +203,78 @@ def _recv_within(conn: Any, timeout: float) -> Any:
     if not conn.poll(timeout):
         raise TimeoutError(f"no reply within {timeout} s")
     return conn.recv()
+
+
+#: The floor: a Python child echoing (``lat``) or counting (``tput``) raw newline-terminated
+#: lines on a socketpair, no JSON, no library; ``sys.argv[1]`` is the mode, ``[2]`` the fd.
+RAW_CHILD = r"""
+import socket, sys
+s = socket.socket(fileno=int(sys.argv[2]))
+recv, send = s.recv, s.send
+if sys.argv[1] == "lat":
+    while True:
+        data = recv(65536)
+        if not data or data.startswith(b'{"event":"end"'):
+            break
+        send(data)
+else:
+    n = 0
+    while True:
+        data = recv(65536)
+        if not data:
+            break
+        n += data.count(b"\n")
+        if data.endswith(b'{"event":"end"}\n'):
+            s.sendall(b'{"event":"done","received":%d}\n' % (n - 1))
+            break
+"""
+
+
+def run_raw_socket(settings: dict[str, Any]) -> dict[str, float]:
+    import socket
+
+    line = json.dumps(MSG, separators=(",", ":")).encode() + b"\n"
+    end = json.dumps(END, separators=(",", ":")).encode() + b"\n"
+    out: dict[str, float] = {}
+    for mode in ("lat", "tput"):
+        ours, theirs = socket.socketpair()
+        proc = subprocess.Popen([sys.executable, "-c", RAW_CHILD, mode, str(theirs.fileno())],
+                                pass_fds=[theirs.fileno()])
+        theirs.close()
+        try:
+            ours.settimeout(60)
+            out.update(_raw_run(ours, mode, line, end, settings))
+        finally:
+            ours.close()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return out
+
+
+def _raw_run(sock: Any, mode: str, line: bytes, end: bytes,
+             settings: dict[str, Any]) -> dict[str, float]:
+    def send(_msg: Any) -> None:
+        sock.sendall(line)
+
+    def recv() -> bytes:
+        data: bytes = sock.recv(65536)
+        return data
+
+    if mode == "lat":
+        result = latency(send, recv, settings["warmup"], settings["lat_count"],
+                         settings["seconds"])
+        sock.sendall(end)
+        return result
+    t0 = _now()
+    sent = burst(send, settings["count"], settings["seconds"])
+    sock.sendall(end)
+    done = json.loads(sock.recv(65536))
+    if done["received"] != sent:
+        raise RuntimeError(f"sent {sent}, child received {done['received']}")
+    return {"msgs_per_s": sent / ((_now() - t0) / 1e9)}
 
 
 def run_mp_pipe(settings: dict[str, Any]) -> dict[str, float]:
@@ -427,15 +503,164 @@ def run_node_relay(settings: dict[str, Any]) -> dict[str, float]:
             "msgs_per_s": tput["received"] / (int(tput["elapsed_ns"]) / 1e9)}
 
 
+#: Paired latency: a Node parent that forks a Node echo child, then runs one batch of round
+#: trips per line read on stdin ("<n>"; "0" ends it) and answers each with the batch's
+#: round-trip times in ns as one JSON line.
+NODE_PAIRED_JS = r"""
+'use strict';
+const { fork } = require('child_process');
+if (process.argv[2] === 'child') {
+  process.on('disconnect', () => process.exit(0));
+  process.on('message', (m) => process.send(m));
+  return;
+}
+const size = Number(process.argv[2]);
+const msg = { event: 'task', data: 'x'.repeat(size) };
+const child = fork(__filename, ['child'], { serialization: 'json',
+                                            stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+const watchdog = setTimeout(() => { child.kill('SIGKILL'); process.exit(2); }, 600000);
+let onReply = null;
+child.on('message', () => onReply());
+const lines = require('readline').createInterface({ input: process.stdin });
+lines.on('line', (line) => {
+  const n = Number(line);
+  if (!n) { clearTimeout(watchdog); child.disconnect(); lines.close(); return; }
+  const rtts = [];
+  let t = 0n;
+  const next = () => { t = process.hrtime.bigint(); child.send(msg); };
+  onReply = () => {
+    rtts.push(Number(process.hrtime.bigint() - t));
+    if (rtts.length < n) next(); else process.stdout.write(JSON.stringify(rtts) + '\n');
+  };
+  next();
+});
+"""
+
+
+def paired_latency(batches: int, batch: int) -> None:
+    """RTT p50 of procwire py<->py, Node fork and mp.Pipe in alternating batches of ``batch``
+    round trips (the order rotated each time), all three channels open at once: each method
+    is measured in the same seconds as the others, which a shared, busy machine needs. Prints
+    the p50 of all round trips and the per-batch p50 ratios, median [min-max]."""
+    import select
+
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node not found on PATH")
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp, pp.spawn(pw_echo) as child:
+        script = Path(tmp) / "paired.js"
+        script.write_text(NODE_PAIRED_JS)
+        proc = subprocess.Popen([node, str(script), str(SIZE)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, start_new_session=True)
+        a, b = ctx.Pipe()
+        mp_child = ctx.Process(target=mp_echo, args=(b,), daemon=True)
+        mp_child.start()
+        b.close()
+        assert proc.stdin is not None and proc.stdout is not None
+        stdin, stdout = proc.stdin, proc.stdout
+
+        def node_batch(n: int) -> list[int]:
+            stdin.write(f"{n}\n".encode())
+            stdin.flush()
+            if not select.select([stdout], [], [], 60)[0]:
+                raise RuntimeError("the Node parent did not answer within 60 s")
+            rtts: list[int] = json.loads(stdout.readline())
+            return rtts
+
+        def timed(send: Callable[[Any], None], recv: Callable[[], Any], n: int) -> list[int]:
+            out = []
+            for _ in range(n):
+                t = _now()
+                send(MSG)
+                recv()
+                out.append(_now() - t)
+            return out
+
+        runs: dict[str, Callable[[int], list[int]]] = {
+            "procwire py<->py": lambda n: timed(child.send, lambda: child.recv(timeout=30), n),
+            "node fork": node_batch,
+            "mp.Pipe": lambda n: timed(a.send, lambda: _recv_within(a, 30), n),
+        }
+        try:
+            for run in runs.values():
+                run(500)  # warm-up
+            samples: dict[str, list[int]] = {k: [] for k in runs}
+            p50s: dict[str, list[float]] = {k: [] for k in runs}
+            names = list(runs)
+            for i in range(batches):
+                for name in names[i % 3:] + names[:i % 3]:
+                    rtts = sorted(runs[name](batch))
+                    samples[name] += rtts
+                    p50s[name].append(rtts[len(rtts) // 2])
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.write(b"0\n")
+                stdin.close()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            a.send(END)
+            a.close()
+            mp_child.join(10)
+            if mp_child.is_alive():
+                mp_child.kill()
+                mp_child.join()
+            child.send(END)
+    print(f"| paired RTT, {batches} x {batch} round trips each, alternating | RTT p50 (µs) | "
+          "RTT p99 (µs) | p50 ratio to node fork, per batch |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in names:
+        xs = sorted(samples[name])
+        ratios = [x / y for x, y in zip(p50s[name], p50s["node fork"], strict=True)]
+        ratio = "1" if name == "node fork" else _spread(ratios)
+        print(f"| {name} | {xs[len(xs) // 2] / 1000:.1f} | "
+              f"{xs[min(len(xs) - 1, int(len(xs) * 0.99))] / 1000:.1f} | {ratio} |")
+    print()
+
+
 METHODS: dict[str, Callable[[dict[str, Any]], dict[str, float]]] = {
     "procwire py<->py": run_procwire_py,
     "mp.Pipe": run_mp_pipe,
     "node fork": run_node_fork,
     "procwire py<->node": run_procwire_node,
+    "raw socket py<->py": run_raw_socket,
     "procwire cluster relay": run_procwire_relay,
     "node cluster relay": run_node_relay,
 }
 RELAY = ("procwire cluster relay", "node cluster relay")
+
+
+#: Each method's ratios are taken against this one, repetition by repetition.
+BASELINE = {name: ("node cluster relay" if name in RELAY else "node fork") for name in METHODS}
+
+
+def print_ratios(results: dict[str, list[dict[str, float]]]) -> None:
+    """Per repetition, each method against its Node baseline measured in that repetition:
+    RTT p50 ratio (below 1: faster than Node) and throughput ratio (above 1: more than Node);
+    median [min-max] over the repetitions where both ran."""
+    rows = []
+    for name, runs in results.items():
+        base = BASELINE[name]
+        if name == base or base not in results:
+            continue
+        pairs = list(zip(runs, results[base], strict=False))
+        if len(runs) != len(results[base]) or not pairs:
+            continue  # a failed run: the repetitions no longer line up
+        rtt = [r["p50_us"] / b["p50_us"] for r, b in pairs]
+        tput = [r["msgs_per_s"] / b["msgs_per_s"] for r, b in pairs]
+        rows.append(f"| {name} / {base} | {_spread(rtt)} | {_spread(tput)} |")
+    if rows:
+        print("| ratio, same repetition | RTT p50 (< 1: faster) | throughput (> 1: more) |")
+        print("| --- | ---: | ---: |")
+        print("\n".join(rows))
+        print()
+
+
+def _spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]"
 
 
 def main() -> int:
@@ -445,7 +670,13 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write every measurement here")
     ap.add_argument("--only", action="append", choices=list(METHODS), default=None,
                     help="run only this method (repeatable)")
+    ap.add_argument("--paired", type=int, default=0, metavar="BATCHES",
+                    help="instead: RTT of procwire py<->py, node fork and mp.Pipe in this "
+                         "many alternating batches of 1000 round trips")
     args = ap.parse_args()
+    if args.paired:
+        paired_latency(args.paired, 1000)
+        return 0
     reps = args.reps or (1 if args.quick else 3)
     settings = {"warmup": 500, "lat_count": 5000 if args.quick else 20000,
                 "count": 200_000 if args.quick else 1_000_000,
@@ -480,6 +711,7 @@ def main() -> int:
             print(f"| {name} | {med['p50_us']:.1f} | {med['p99_us']:.1f} | "
                   f"{med['msgs_per_s']:,.0f} |")
         print()
+    print_ratios(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 1 if failed else 0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,24 +10,11 @@ from typing import Any
 import pytest
 
 import procwire.cluster as pc
+from process.conftest import children_of, kill_left_behind  # tests/ is on sys.path
+
+__all__ = ["SRC", "Clusters", "children_of"]
 
 SRC = str(Path(__file__).resolve().parent.parent.parent / "src")
-
-
-def children_of(pid: int) -> set[int]:
-    """The pids whose parent is ``pid`` (zombies included: they were not reaped)."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.add(int(entry))
-    return out
 
 
 class Clusters:
@@ -53,18 +38,7 @@ class Clusters:
                 cluster.stop(timeout=2.0)
             except Exception:
                 pass
-        deadline = time.monotonic() + 5
-        left = children_of(os.getpid()) - self.before
-        while left and time.monotonic() < deadline:  # processes still being reaped elsewhere
-            time.sleep(0.05)
-            left = children_of(os.getpid()) - self.before
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
-        return sorted(left)
+        return kill_left_behind(self.before)
 
 
 @pytest.fixture

@@ -32,7 +32,8 @@ def test_cli_runs_until_ctrl_c(clusters: Clusters) -> None:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err
-        assert "workers 2/2 running" in err and "stopped" in err
+        assert "workers 2/2 running · restarts 0 · " in err and " msg/s" in err
+        assert "stopped" in err
         assert not any(os.path.exists(f"/proc/{p}") for p in pids)
     finally:
         if proc.poll() is None:

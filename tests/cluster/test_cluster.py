@@ -134,6 +134,21 @@ def test_crash_loop_trips_the_limit(clusters: Clusters) -> None:
         cluster.recv(timeout=1)
 
 
+def test_restart_backoff_doubles_up_to_the_cap(clusters: Clusters,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    # The primary announces each restart's delay: backoff, doubled per recent restart, at
+    # most max_backoff; then the crash-loop limit.
+    caplog.set_level("WARNING", logger="procwire.cluster")
+    cluster = clusters(_targets.crash, workers=1, max_restarts=4, backoff=0.05,
+                       max_backoff=0.15, restart_window=60).start(timeout=30)
+    with pytest.raises(pc.CrashLoop):
+        cluster.wait(timeout=30)
+    delays = [r.getMessage().rsplit("restarting in ", 1)[1] for r in caplog.records
+              if "restarting in" in r.getMessage()]
+    assert delays == ["0.05 s", "0.10 s", "0.15 s", "0.15 s"]
+    assert cluster.workers[0].restarts == 4
+
+
 def test_restart_policies(clusters: Clusters) -> None:
     # on-failure: exit 0 is final; always: restarted under the same id; never: final.
     on_failure = clusters(_targets.once, workers=2).start(timeout=30)
@@ -174,6 +189,22 @@ def test_on_message_callback(clusters: Clusters) -> None:
     assert sorted(m.sender for m in got) == [1, 1, 2, 2]
     with pytest.raises(procwire.Timeout):
         cluster.recv(timeout=0.1)  # callbacks take the messages
+
+
+def test_messages_iterator(clusters: Clusters) -> None:
+    cluster = clusters(_targets.echo, workers=2).start(timeout=30)
+    got = []
+    for msg in cluster:  # for m in cluster: every worker message, until the cluster stops
+        got.append(msg)
+        if len(got) == 2:
+            break
+    assert sorted(m.sender for m in got) == [1, 2] and all("hello" in m.data for m in got)
+    cluster.broadcast("ping")
+    # messages(timeout=): until none comes within the timeout
+    answers = list(cluster.messages(timeout=2))
+    assert sorted((m.sender, m.data["got"]) for m in answers) == [(1, "ping"), (2, "ping")]
+    cluster.stop()
+    assert list(cluster) == []  # stopped, nothing left: the iteration ends
 
 
 def test_stop_kills_what_ignores_sigterm(clusters: Clusters) -> None:

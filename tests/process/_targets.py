@@ -99,3 +99,31 @@ def aecho() -> None:
                 await ch.send(msg)
 
     asyncio.run(main())
+
+
+def report_lines(count: int) -> None:
+    """Receive ``count`` times and send back what came: each message, or the error's name."""
+    ch = pp.parent()
+    got: list[object] = []
+    for _ in range(count):
+        try:
+            got.append(ch.recv(timeout=10))
+        except Exception as exc:
+            got.append(type(exc).__name__)
+    ch.send(got)
+    ch.recv(timeout=10)  # until the parent is done
+
+
+async def report_lines_async(count: int) -> None:
+    """``report_lines`` with the asyncio API."""
+    import procwire.process.aio as pa
+
+    ch = await pa.parent()
+    got: list[object] = []
+    for _ in range(count):
+        try:
+            got.append(await ch.recv(timeout=10))
+        except Exception as exc:
+            got.append(type(exc).__name__)
+    await ch.send(got)
+    await ch.recv(timeout=10)

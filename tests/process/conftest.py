@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,50 @@ class Spawned:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def children_of(pid: int) -> set[int]:
+    """The pids whose parent is ``pid`` (zombies included: they were not reaped)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(entry))
+    return out
+
+
+def kill_left_behind(before: set[int], grace: float = 5.0) -> list[int]:
+    """Children of this process that are not in ``before`` once ``grace`` seconds have let
+    any exit in progress be reaped: each is killed and reaped; returns their pids."""
+    deadline = time.monotonic() + grace
+    left = children_of(os.getpid()) - before
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = children_of(os.getpid()) - before
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+    return sorted(left)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """After each test (and the teardown of its other fixtures): no child of this process is
+    left running or unreaped. A leftover is killed and reaped, and reported as an error."""
+    before = children_of(os.getpid())
+    yield
+    left = kill_left_behind(before)
+    if left:
+        pytest.fail(f"processes left behind (killed now): {left}")
 
 
 @pytest.fixture

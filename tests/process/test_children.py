@@ -86,6 +86,21 @@ def test_killed_child(spawned: Spawned) -> None:
             child.send("more")
 
 
+def test_terminated_child(spawned: Spawned) -> None:
+    child = spawned(_targets.echo)
+    child.send("ping")
+    assert child.recv(timeout=10) == "ping"
+    assert child.returncode is None
+    child.terminate()
+    with pytest.raises(pp.ChildExited) as info:
+        child.recv(timeout=10)
+    assert info.value.returncode == -signal.SIGTERM and "SIGTERM" in str(info.value)
+    assert child.wait(timeout=10) == -signal.SIGTERM == child.returncode
+    assert gone(child.pid)
+    child.terminate()  # an ended child: nothing happens
+    child.kill()
+
+
 def test_exception_in_child(spawned: Spawned) -> None:
     child = spawned(_targets.fail, stderr=subprocess.PIPE)
     with pytest.raises(pp.ChildExited) as info:
@@ -107,6 +122,21 @@ def test_stderr_passes_through(tmp_path: Path) -> None:
     assert proc.stdout.strip() == "0"
 
 
+def test_stderr_passes_through_stdio_channel() -> None:
+    # channel="stdio": stdout carries the messages, stderr is still the parent's.
+    child_code = ("import sys\n"
+                  "sys.stderr.write('stdio-child-stderr\\n'); sys.stderr.flush()\n"
+                  "sys.stdout.write('{\"ok\":1}\\n'); sys.stdout.flush()\n")
+    code = ("import sys, procwire.process as pp\n"
+            f"c = pp.spawn([sys.executable, '-c', {child_code!r}], channel='stdio')\n"
+            "print(c.recv(timeout=10), c.wait(timeout=10))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, env=dict(os.environ, PYTHONPATH=SRC))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "stdio-child-stderr\n"
+    assert proc.stdout.strip() == "{'ok': 1} 0"
+
+
 def test_nan_refused_channel_intact(spawned: Spawned) -> None:
     child = spawned(_targets.echo)
     for bad in (float("nan"), {"x": float("inf")}, [float("-inf")]):
@@ -124,6 +154,23 @@ def test_recv_timeout(spawned: Spawned) -> None:
         child.recv(timeout=0.05)
     child.send(1)
     assert child.recv(timeout=10) == 1
+
+
+def test_recv_timeout_follows_each_call(spawned: Spawned) -> None:
+    # The socket's receive timeout is only reset when the asked one moves by over 1%: a
+    # caller counting down a deadline must still get its own timeout, not a stale one.
+    child = spawned(_targets.echo)
+    t = 20.0
+    for i in range(300):
+        child.send(i)
+        assert child.recv(timeout=t) == i
+        t *= 0.995  # within 1% of the previous one each time, 20 s down to 4.4 s
+    start = time.monotonic()
+    with pytest.raises(procwire.Timeout):
+        child.recv(timeout=0.2)
+    assert time.monotonic() - start < 3.0  # not the 20 s or 4.4 s set earlier
+    child.send("on")
+    assert child.recv(timeout=t) == "on"
 
 
 def test_internal_messages_not_delivered(spawned: Spawned) -> None:

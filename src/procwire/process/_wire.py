@@ -81,21 +81,23 @@ class HandleWire(SocketWire):
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock)
         self.fds = FdQueue()
-        self._rcvtimeo: float | None = None  # the socket's SO_RCVTIMEO (None: blocks forever)
+        #: The socket's receive timeout now (SO_RCVTIMEO; None: a read blocks until data).
+        self.rcvtimeo: float | None = None
+        #: The receive timeout last asked for (``set_rcvtimeo``): ``rcvtimeo`` is within 1 ms
+        #: or 1% of it.
+        self.asked_timeout: float | None = None
 
     def recv_into(self, view: memoryview, timeout: float | None) -> int:
         # A kernel receive timeout instead of a poll() before each read: the reply of a
         # request/reply costs one syscall. It is reset only when the wanted timeout differs
         # by more than 1 ms or 1% (callers pass "what is left of the deadline", a slightly
         # different float each time).
-        cur = self._rcvtimeo
-        if timeout != cur and (timeout is None or cur is None
-                               or abs(timeout - cur) > max(0.001, 0.01 * timeout)):
+        if timeout != self.asked_timeout:
             if timeout is not None and timeout <= 0:
                 if not self._poller.poll(0):
                     raise Timeout(f"no message within {timeout} s")
             else:
-                self._set_rcvtimeo(timeout)
+                self.set_rcvtimeo(timeout)
         try:
             n, anc, _flags, _addr = self.sock.recvmsg_into([view], _ANC_SIZE, _RECV_FLAGS)
         except BlockingIOError:
@@ -104,12 +106,19 @@ class HandleWire(SocketWire):
             self.fds.take_anc(anc)
         return n
 
-    def _set_rcvtimeo(self, timeout: float | None) -> None:
+    def set_rcvtimeo(self, timeout: float | None) -> None:
+        """Set the socket's receive timeout, unless it is already within 1 ms or 1% of it
+        (callers pass what is left of a deadline, a slightly different float each time)."""
+        self.asked_timeout = timeout
+        cur = self.rcvtimeo
+        if timeout == cur or (timeout is not None and cur is not None
+                              and abs(timeout - cur) <= max(0.001, 0.01 * timeout)):
+            return
         t = 0.0 if timeout is None else max(timeout, 1e-6)
         sec = int(t)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                              _TIMEVAL.pack(sec, int((t - sec) * 1e6)))
-        self._rcvtimeo = timeout
+        self.rcvtimeo = timeout
 
     def send_with_fds(self, data: bytes, fds: list[int], timeout: float | None) -> None:
         """Write all of ``data``, the descriptors attached to its first byte. The caller makes
@@ -242,6 +251,10 @@ class AsyncHandleStream:
         if frames:
             self._inbox.extend(convert_all(frames, self._convert, self._safe_convert))
             self._inbox_bytes += sum(len(f) for f in frames)
+            try:
+                dec.get_buffer()  # raises an error found after these lines (a line too long)
+            except ProtocolError as exc:
+                self._set_eof(exc)  # receive() still returns the lines first
             self._wake()
             if self._inbox_bytes >= self._inbox_limit:
                 self._pause_reading()

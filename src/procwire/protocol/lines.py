@@ -17,6 +17,9 @@ The decoder is lenient in what it accepts, because naive peers are:
   complete only when followed by whitespace, a newline or another value (``1 2`` is two
   messages; ``12`` is one).
 
+(``StrictLinesDecoder``, for Node's IPC channel, reads as Node does instead: one value per
+newline-terminated line, nothing delivered before its newline; see its docstring.)
+
 A newline always ends a message: a value never spans lines (so pretty-printed, multi-line JSON
 is not understood, and one garbage line cannot swallow the lines after it). Text that is not
 JSON is delivered, up to the end of its line, as one payload, which the json codec then reports
@@ -38,7 +41,7 @@ import msgspec
 from .._errors import EncodeError, FrameTooLarge, ProtocolError
 from .framing import DEFAULT_MAX_FRAME_SIZE, DEFAULT_READ_BUFFER, feed
 
-__all__ = ["JsonLines", "JsonLinesDecoder"]
+__all__ = ["JsonLines", "JsonLinesDecoder", "StrictLinesDecoder"]
 
 _NL = 0x0A
 _WS = frozenset(b" \t\r\n")
@@ -367,6 +370,94 @@ class JsonLinesDecoder:
         if self.pending():
             raise ProtocolError(f"stream ended in the middle of a JSON value "
                                 f"({self.pending()} bytes of it received)")
+
+
+class StrictLinesDecoder(JsonLinesDecoder):
+    """One JSON value per newline-terminated line, as Node's IPC channel reads and writes them
+    (``JSON.stringify(msg) + "\\n"``): a line is delivered whole when its newline arrives,
+    without checking that it holds exactly one value (the codec's decode reports a line that
+    does not as ``DecodeError``, and the next line is unaffected); blank lines and surrounding
+    whitespace are skipped. Text with no newline yet waits (``pending()``), whatever it holds.
+
+    A line longer than ``max_frame_size`` raises ``FrameTooLarge`` and leaves the decoder
+    unusable, as in ``JsonLinesDecoder``; the lines completed before it in the same read are
+    still returned, and the error is raised by the next call.
+
+    Speed: a read that holds exactly one line with no padding (every hop of a request/reply)
+    is one ``find`` and one slice; about 0.4 µs here against 0.8 µs for the lenient decoder,
+    which must also prove each line is a single value.
+
+    >>> d = StrictLinesDecoder()
+    >>> [bytes(f) for f in d.feed(b'{"a":1}\\n\\n [2] \\r\\n"x')]
+    [b'{"a":1}', b'[2]']
+    >>> [bytes(f) for f in d.feed(b'"\\n')]
+    [b'"x"']
+    """
+
+    __slots__ = ()
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes go. Invalidates payloads returned earlier."""
+        if self._start == self._end and self._error is None:
+            # Everything was delivered (the usual case): the whole buffer, no new view.
+            self._start = self._end = self._nl_from = 0
+            return self._mv
+        return super().get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> list[memoryview]:
+        """``nbytes`` were written into the last buffer; returns the lines completed."""
+        self._end = end = self._end + nbytes
+        buf = self._buf
+        pos = self._start
+        nl = buf.find(10, pos if pos > self._nl_from else self._nl_from, end)
+        if nl == end - 1 and nl > pos and buf[pos] not in _WS and buf[nl - 1] not in _WS \
+                and nl - pos <= self._max:
+            # The common case of a request/reply: the read ends with the one line it holds.
+            self._start = self._nl_from = end
+            return [self._mv[pos:nl]]
+        out: list[memoryview] = []
+        if nl >= 0:
+            mv = self._mv
+            limit = self._max
+            ws = _WS
+            find = buf.find
+            while nl >= 0:
+                a, b = pos, nl
+                if b > a and buf[b - 1] in ws:
+                    while b > a and buf[b - 1] in ws:
+                        b -= 1
+                if b > a and buf[a] in ws:
+                    m = _NON_WS.search(buf, a, b)
+                    a = b if m is None else m.start()
+                if b > a:
+                    if b - a > limit:
+                        return self._too_large(out, b - a)
+                    out.append(mv[a:b])
+                pos = nl + 1
+                nl = find(10, pos, end)
+            self._start = pos
+        self._nl_from = end
+        if end - pos > self._max + 2:  # + room for the "\r\n" that may end it
+            return self._too_large(out, end - pos)
+        return out
+
+    def _too_large(self, out: list[memoryview], size: int) -> list[memoryview]:
+        exc = FrameTooLarge(size, self._max)
+        if not out:
+            self._fail(exc)
+        self._error = exc  # raised by the next get_buffer(), after these lines are used
+        return out
+
+    def buffered(self) -> int:
+        """Bytes received and not yet delivered or skipped (whitespace included)."""
+        return self._end - self._start
+
+    def pending(self) -> int:
+        """Bytes received after the last newline that are not whitespace."""
+        n = self._end - self._start
+        if n and _NON_WS.search(self._buf, self._start, self._end) is None:
+            return 0
+        return n
 
 
 def _is_one_value(line: memoryview) -> bool:
