@@ -304,3 +304,17 @@ def test_strict_long_line_grows_the_buffer() -> None:
         out += dec.feed(big[i:i + 4096])
     assert out == []
     assert dec.feed(b"\n[1]\n") == [big, b"[1]"]
+
+
+def test_values_before_a_too_large_one_are_delivered() -> None:
+    # Values completed before an oversized one in the same read are returned; the next
+    # get_buffer() raises. Complete and unfinished oversized tails, with and without newlines.
+    for tail in (b'"' + b"x" * 99 + b'"\n[3]\n', b'"' + b"x" * 200, b"[" + b"1," * 80):
+        for head in (b"[1]\n[2]\n", b"[1][2]"):
+            dec = JsonLinesDecoder(max_frame_size=100)
+            mv = dec.get_buffer()
+            data = head + tail
+            mv[:len(data)] = data
+            assert [bytes(f) for f in dec.buffer_updated(len(data))] == [b"[1]", b"[2]"]
+            with pytest.raises(FrameTooLarge):
+                dec.get_buffer()

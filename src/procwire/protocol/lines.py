@@ -185,9 +185,22 @@ class JsonLinesDecoder:
         return self._mv[self._end:]
 
     def buffer_updated(self, nbytes: int) -> list[memoryview]:
-        """``nbytes`` were written into the last buffer; returns the values completed."""
-        self._end = end = self._end + nbytes
+        """``nbytes`` were written into the last buffer; returns the values completed.
+
+        A value over ``max_frame_size`` raises ``FrameTooLarge``; when values completed before
+        it in the same read, they are returned first and the next ``get_buffer()`` raises.
+        """
         out: list[memoryview] = []
+        try:
+            self._updated(nbytes, out)
+        except FrameTooLarge:
+            if not out:
+                raise
+            # self._error is set (by _fail): the next get_buffer() raises it.
+        return out
+
+    def _updated(self, nbytes: int, out: list[memoryview]) -> None:
+        self._end = end = self._end + nbytes
         buf = self._buf
         mv = self._mv
         limit = self._max
@@ -226,7 +239,6 @@ class JsonLinesDecoder:
         self._start = pos
         if end - pos > limit + 2:  # + room for the "\r\n" that may end it
             self._fail(FrameTooLarge(end - pos, limit))
-        return out
 
     def _partial(self, pos: int, end: int, out: list[memoryview]) -> int:
         """Text with no newline yet: deliver the values it completes; returns the new start."""
