@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,59 @@ def test_request_reply_with_timeouts_and_remote_errors(brokers: Any, children: A
         assert child.wait(timeout=10) == 0
         with pytest.raises(NoResponder):  # the responder's process is gone
             bus.request("add", {"x": 1, "y": 2}, timeout=5)
+
+
+def test_requests_from_many_threads_and_close_while_waiting(brokers: Any,
+                                                            children: Any) -> None:
+    """A calling thread reads its reply itself on the bus's requests connection; threads that
+    find it busy go through the main connection. Both give the right answers; closing the bus
+    wakes a thread waiting on either."""
+    child = children.python(RESPONDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert readline(child) == "ready"
+    with Bus() as bus:
+        assert bus.request("add", {"x": 1, "y": 2}, timeout=5) == 3
+        assert bus.stats()["backend"]["requests_direct"] == 1  # the fast path was taken
+        results: dict[int, list[Any]] = {}
+
+        def worker(k: int) -> None:
+            results[k] = [bus.request("add", {"x": k, "y": i}, timeout=10) for i in range(40)]
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == {k: [k + i for i in range(40)] for k in range(6)}
+        st = bus.stats()
+        assert st["requests_sent"] == 241 and st["replies_late"] == 0
+        assert 1 < st["backend"]["requests_direct"] <= 241
+        # the broker lists the requests connection as a client of its own
+        names = [c["name"] for c in bus._backend.broker_stats()["clients"]]  # type: ignore
+        assert any(n.endswith(" requests") for n in names)
+
+    for direct in (True, False):
+        bus = Bus()
+        errors: list[BaseException] = []
+
+        def waiting(bus: Bus = bus, errors: list[BaseException] = errors) -> None:
+            try:
+                bus.request("slow", 5.0, timeout=20)
+            except BaseException as exc:
+                errors.append(exc)
+
+        if not direct:  # hold the requests connection: the request takes the main one
+            assert bus._backend._rr_lock.acquire(timeout=5)  # type: ignore[attr-defined]
+        t = threading.Thread(target=waiting)
+        t.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        bus.close()
+        t.join(10)
+        assert not t.is_alive() and time.monotonic() - t0 < 3
+        assert len(errors) == 1 and isinstance(errors[0], procwire.ChannelClosed), errors
+        assert bus.stats()["backend"]["requests_direct"] == (1 if direct else 0)
+    child.stdin.close()
+    assert child.wait(timeout=30) == 0  # its handler sleeps through two slow requests
 
 
 def test_asyncio_bus_on_the_broker(brokers: Any) -> None:

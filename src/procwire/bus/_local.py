@@ -213,6 +213,7 @@ class LocalBackend(Backend):
         self.events_received = 0
         self.bad_frames = 0
         self.gaps_from_broker = 0
+        self.requests_direct = 0  # sent on the requests connection (the fast path)
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -531,6 +532,7 @@ class LocalBackend(Backend):
         except (ProcwireError, OSError):
             self._drop_rr(ch)
             return False
+        self.requests_direct += 1
         sink = self._sink
         assert sink is not None
         wait = timeout  # the same value every time: no change of the socket's timeout
@@ -661,7 +663,8 @@ class LocalBackend(Backend):
                 "run_id": self.broker.get("run_id"), "reconnects": self.reconnects,
                 "server_disconnects": self.server_disconnects,
                 "events_received": self.events_received, "bad_frames": self.bad_frames,
-                "gaps_from_broker": self.gaps_from_broker}
+                "gaps_from_broker": self.gaps_from_broker,
+                "requests_direct": self.requests_direct}
 
     def close(self, timeout: float | None) -> None:
         with self._lock:
