@@ -440,6 +440,44 @@ def test_bad_clients_do_not_disturb_the_others(brokers: Any, children: Any) -> N
             good_pub.request("nobody", timeout=5)
 
 
+def test_hello_timeout_and_client_limit_in_process(brokers: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker run in this process (its loop on a thread): a client that never says hello is
+    told so and dropped; past ``max_clients`` a connection is closed at once; the others are
+    served throughout."""
+    from procwire.bus import _broker
+
+    monkeypatch.setattr(_broker, "HELLO_TIMEOUT", 0.3)
+    broker = _broker.Broker(brokers.path, max_clients=2)
+    thread = threading.Thread(target=asyncio.run, args=(broker.run(),), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: os.path.exists(brokers.path + ".pid"), what="the broker")
+        with _raw_client(brokers.path) as mute:
+            t0 = time.monotonic()
+            bye = _read_frame(mute)
+            assert bye[0] == "bye" and "no hello within 0.3 s" in bye[2]
+            assert time.monotonic() - t0 < 3
+            assert _read_frame(mute) is None
+        with _raw_client(brokers.path) as a, _raw_client(brokers.path) as b:
+            for s in (a, b):
+                s.sendall(_frame(HELLO))
+                assert _read_frame(s)[0] == "welcome"
+            with _raw_client(brokers.path) as third:
+                assert _read_frame(third) is None  # refused: closed without a word
+            a.sendall(_frame(["pub", 7, "x", {"k": 1}]))
+            assert _read_frame(a) == ["pub", 7, "x", {"k": 1}]  # a subscribes to "*" too
+            assert _read_frame(a) == ["ok", 7, "", 2]
+            assert _read_frame(b) == ["pub", 7, "x", {"k": 1}]
+        assert broker.refused == 1 and broker.bad_clients == 1
+    finally:
+        loop = broker._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(broker.stop)
+        thread.join(10)
+    assert not thread.is_alive() and not os.path.exists(brokers.path)
+
+
 def test_slow_subscriber_drop_oldest_then_gap_notice(brokers: Any) -> None:
     with Bus(brokers.url(queue=50)) as slow, Bus() as pub:
         # a full 'block' buffer stops slow's reader thread: the broker's queue for it fills
