@@ -77,14 +77,7 @@ def measure(src: str, subs: int, n: int) -> dict[str, Any]:
     py = sys.executable
     with Procs() as ps:
         path = os.path.join(ps.dir, "s.sock")
-        env = dict(os.environ, PYTHONPATH=src)
-        broker = ps.start([py, "-m", "procwire.bus._broker", "--socket", path, "--idle", "0",
-                           "--max-queue", "10000000"], env=env, ready=False)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(path + ".pid"):
-            if time.monotonic() > deadline or broker.poll() is not None:
-                raise RuntimeError("the broker did not start")
-            time.sleep(0.02)
+        broker = ps.broker(src, path, "--max-queue", "10000000")
         url = f"broker://{path}?autostart=0&queue=10000000"
         subscribers = [ps.start([py, "-c", SUB, url, src]) for _ in range(subs)]
         base = {p.pid: cpu_s(p.pid) for p in [broker, *subscribers]}

@@ -157,6 +157,18 @@ class Procs:
             raise RuntimeError(f"{args[:3]} did not start")
         return p
 
+    def broker(self, src: str, path: str, *extra: str) -> subprocess.Popen[str]:
+        """A foreground broker from the procwire in ``src`` on ``path``, once it listens."""
+        p = self.start([sys.executable, "-m", "procwire.bus._broker", "--socket", path,
+                        "--idle", "0", *extra], env=dict(os.environ, PYTHONPATH=src),
+                       ready=False)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path + ".pid"):
+            if time.monotonic() > deadline or p.poll() is not None:
+                raise RuntimeError("the broker did not start")
+            time.sleep(0.02)
+        return p
+
     def __enter__(self) -> Procs:
         return self
 
@@ -188,14 +200,7 @@ def measure(row: str, n: int, src: str) -> list[float]:
             ps.start([py, "-c", RAW_PEER, path, "connect"])
             time.sleep(0.1)
             return lats_of(ps.start([py, "-c", RAW_REQUESTER, path, str(n)], ready=False))
-        env = dict(os.environ, PYTHONPATH=src)
-        broker = ps.start([py, "-m", "procwire.bus._broker", "--socket", path, "--idle", "0"],
-                          env=env, ready=False)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(path + ".pid"):
-            if time.monotonic() > deadline or broker.poll() is not None:
-                raise RuntimeError("the broker did not start")
-            time.sleep(0.02)
+        ps.broker(src, path)
         url = f"broker://{path}?autostart=0"
         ps.start([py, "-c", BUS_RESPONDER, url, src])
         return lats_of(ps.start([py, "-c", BUS_REQUESTER, url, src, str(n)], ready=False))
