@@ -157,6 +157,24 @@ def test_glob_routing_reaches_only_matching_buses(brokers: Any) -> None:
             assert u.get_nowait() is None
 
 
+def test_emit_many_one_frame_or_split_and_checked_first(brokers: Any) -> None:
+    with Bus() as pub, Bus() as sub:
+        got = sub.subscribe("b.*", timeout=10)
+        pub.emit_many([(f"b.{i}", {"i": i}) for i in range(100)])  # one frame
+        assert [got.get(10).data["i"] for _ in range(100)] == list(range(100))
+        # 3 MB in 10 kB events: more than one frame may carry (1 MiB): split, in order
+        blob = "x" * 10_000
+        pub.emit_many([("b.big", [i, blob]) for i in range(300)])
+        assert [got.get(10).data[0] for _ in range(300)] == list(range(300))
+        # a bad event anywhere: an error, and nothing of that batch is sent
+        for bad in (float("nan"), object()):
+            with pytest.raises(procwire.EncodeError):
+                pub.emit_many([("b.ok", 1), ("b.bad", bad)])
+        pub.emit("b.end")
+        assert got.get(10).name == "b.end"
+        assert sub.stats()["backend"]["events_received"] == 401
+
+
 RESPONDER = r"""
 import sys, time
 from procwire.bus import Bus

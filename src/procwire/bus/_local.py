@@ -54,7 +54,15 @@ from .._sync.channel import connect as sync_connect
 from ._backend import Backend, Sink
 from ._broker import BROKER_POLICIES, DEFAULT_IDLE, LOCK_TAKEN
 from ._paths import BrokerFiles, default_socket_path, wait_lock
-from ._wire import VERSION, ClientFrame, WireCodec, batch_frame, encode_frame, encode_item
+from ._wire import (
+    VERSION,
+    ClientFrame,
+    WireCodec,
+    batch_frame,
+    encode_batch,
+    encode_frame,
+    encode_item,
+)
 
 __all__ = ["LocalBackend", "connect_broker", "start_broker"]
 
@@ -482,6 +490,10 @@ class LocalBackend(Backend):
 
     def publish_many(self, events: list[tuple[str, Any]], timeout: float | None) -> None:
         if not events:
+            return
+        body = encode_batch(events, self._limit - 32)
+        if body is not None:  # the usual case: one encoder call, one frame
+            self._call_raw(lambda seq: b'["pubs",%d,"",' % seq + body + b"]", "pubs", timeout)
             return
         # Encode everything first: a bad event raises before anything is sent. The events
         # travel in "pubs" frames of up to the frame limit (the broker forwards a batch as
