@@ -152,6 +152,8 @@ class _Client(asyncio.BufferedProtocol):
         self.broker._connected(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self.closing:  # a broken stream's decoder refuses: read into a scrap buffer
+            return memoryview(bytearray(4096))
         return self.dec.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -654,11 +656,15 @@ class Broker:
             if len(out) >= t.max_queue or t.out_bytes > t.max_bytes:
                 self._overflow(t)
             return
-        t.delivered += 1
         batch = self._batch
         if batch is None:
-            t.transport.write(data)  # type: ignore[union-attr]
+            tr = t.transport
+            if tr is None or tr.is_closing():  # failed: connection_lost is on its way
+                return
+            t.delivered += 1
+            tr.write(data)
         else:
+            t.delivered += 1
             parts = batch.get(t)
             if parts is None:
                 batch[t] = [data]
