@@ -11,13 +11,17 @@ When nothing listens on the socket, the bus starts a broker, detached (its own s
 to ``<socket>.log``, not a child that dies with this process), under an ``flock`` on
 ``<socket>.spawn`` so that many processes starting at once start one broker.
 
-One connection per bus, read by one thread. If it breaks (the broker was killed, or it
-disconnected this bus for reading too slowly), the thread reconnects with backoff, starting a
-new broker when none runs, registers the bus's patterns and request names again, and emits
-``procwire.gap`` with ``{"reason", "detail", "down_for", "backend"}``: events published
-meanwhile are lost. ``reason``: ``restarted`` (a new broker), ``dropped_by_server`` (the broker
-said bye: too slow, or a protocol error), ``connection_lost``; the broker itself sends
-``slow_consumer`` gaps when it dropped events under ``drop_oldest``.
+One main connection per bus, read by one thread (events, requests to this bus's handlers,
+acknowledgements), plus, from the first request of a blocking bus on, a requests connection
+whose reply the requesting thread reads itself (one thread at a time; the others, and the
+asyncio bus, send requests on the main connection). If the main connection breaks (the broker
+was killed, or it disconnected this bus for reading too slowly), the thread reconnects with
+backoff, starting a new broker when none runs, registers the bus's patterns and request names
+again, and emits ``procwire.gap`` with ``{"reason", "detail", "down_for", "backend"}``: events
+published meanwhile are lost (the requests connection is opened again at the next request).
+``reason``: ``restarted`` (a new broker), ``dropped_by_server`` (the broker said bye: too slow,
+or a protocol error), ``connection_lost``; the broker itself sends ``slow_consumer`` gaps when
+it dropped events under ``drop_oldest``.
 
 ``emit`` is confirmed by the broker (it returns how many buses got the event); during an outage
 it waits for the reconnection up to its timeout, then raises ``procwire.Timeout``. If the broker
