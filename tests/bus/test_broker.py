@@ -276,6 +276,12 @@ def test_asyncio_bus_on_the_broker(brokers: Any) -> None:
             assert await a.request("echo", {"x": 1}, timeout=5) == {"x": 1}
             with pytest.raises(NoResponder):
                 await a.request("nobody", None, timeout=5)
+            # a bus answering its own requests: the reply goes out through the same I/O
+            # thread the request went through, so that thread must not wait for the reply
+            await a.handle("self", lambda d: d + 1)
+            assert await a.request("self", 1, timeout=5) == 2
+            assert await asyncio.gather(*(a.request("self", i, timeout=5)
+                                          for i in range(5))) == [1, 2, 3, 4, 5]
 
     asyncio.run(main())
 
