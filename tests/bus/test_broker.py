@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,24 @@ def test_glob_routing_reaches_only_matching_buses(brokers: Any) -> None:
             assert u.get_nowait() is None
 
 
+def test_emit_many_one_frame_or_split_and_checked_first(brokers: Any) -> None:
+    with Bus() as pub, Bus() as sub:
+        got = sub.subscribe("b.*", timeout=10)
+        pub.emit_many([(f"b.{i}", {"i": i}) for i in range(100)])  # one frame
+        assert [got.get(10).data["i"] for _ in range(100)] == list(range(100))
+        # 3 MB in 10 kB events: more than one frame may carry (1 MiB): split, in order
+        blob = "x" * 10_000
+        pub.emit_many([("b.big", [i, blob]) for i in range(300)])
+        assert [got.get(10).data[0] for _ in range(300)] == list(range(300))
+        # a bad event anywhere: an error, and nothing of that batch is sent
+        for bad in (float("nan"), object()):
+            with pytest.raises(procwire.EncodeError):
+                pub.emit_many([("b.ok", 1), ("b.bad", bad)])
+        pub.emit("b.end")
+        assert got.get(10).name == "b.end"
+        assert sub.stats()["backend"]["events_received"] == 401
+
+
 RESPONDER = r"""
 import sys, time
 from procwire.bus import Bus
@@ -194,6 +213,59 @@ def test_request_reply_with_timeouts_and_remote_errors(brokers: Any, children: A
             bus.request("add", {"x": 1, "y": 2}, timeout=5)
 
 
+def test_requests_from_many_threads_and_close_while_waiting(brokers: Any,
+                                                            children: Any) -> None:
+    """A calling thread reads its reply itself on the bus's requests connection; threads that
+    find it busy go through the main connection. Both give the right answers; closing the bus
+    wakes a thread waiting on either."""
+    child = children.python(RESPONDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert readline(child) == "ready"
+    with Bus() as bus:
+        assert bus.request("add", {"x": 1, "y": 2}, timeout=5) == 3
+        assert bus.stats()["backend"]["requests_direct"] == 1  # the fast path was taken
+        results: dict[int, list[Any]] = {}
+
+        def worker(k: int) -> None:
+            results[k] = [bus.request("add", {"x": k, "y": i}, timeout=10) for i in range(40)]
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == {k: [k + i for i in range(40)] for k in range(6)}
+        st = bus.stats()
+        assert st["requests_sent"] == 241 and st["replies_late"] == 0
+        assert 1 < st["backend"]["requests_direct"] <= 241
+        # the broker lists the requests connection as a client of its own
+        names = [c["name"] for c in bus._backend.broker_stats()["clients"]]  # type: ignore
+        assert any(n.endswith(" requests") for n in names)
+
+    for direct in (True, False):
+        bus = Bus()
+        errors: list[BaseException] = []
+
+        def waiting(bus: Bus = bus, errors: list[BaseException] = errors) -> None:
+            try:
+                bus.request("slow", 5.0, timeout=20)
+            except BaseException as exc:
+                errors.append(exc)
+
+        if not direct:  # hold the requests connection: the request takes the main one
+            assert bus._backend._rr_lock.acquire(timeout=5)  # type: ignore[attr-defined]
+        t = threading.Thread(target=waiting)
+        t.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        bus.close()
+        t.join(10)
+        assert not t.is_alive() and time.monotonic() - t0 < 3
+        assert len(errors) == 1 and isinstance(errors[0], procwire.ChannelClosed), errors
+        assert bus.stats()["backend"]["requests_direct"] == (1 if direct else 0)
+    child.stdin.close()
+    assert child.wait(timeout=30) == 0  # its handler sleeps through two slow requests
+
+
 def test_asyncio_bus_on_the_broker(brokers: Any) -> None:
     async def main() -> None:
         async with AsyncBus() as a, AsyncBus() as b:
@@ -204,6 +276,12 @@ def test_asyncio_bus_on_the_broker(brokers: Any) -> None:
             assert await a.request("echo", {"x": 1}, timeout=5) == {"x": 1}
             with pytest.raises(NoResponder):
                 await a.request("nobody", None, timeout=5)
+            # a bus answering its own requests: the reply goes out through the same I/O
+            # thread the request went through, so that thread must not wait for the reply
+            await a.handle("self", lambda d: d + 1)
+            assert await a.request("self", 1, timeout=5) == 2
+            assert await asyncio.gather(*(a.request("self", i, timeout=5)
+                                          for i in range(5))) == [1, 2, 3, 4, 5]
 
     asyncio.run(main())
 
@@ -384,6 +462,44 @@ def test_bad_clients_do_not_disturb_the_others(brokers: Any, children: Any) -> N
         assert len(stats["clients"]) == 2  # only the good ones are left
         with pytest.raises(NoResponder):
             good_pub.request("nobody", timeout=5)
+
+
+def test_hello_timeout_and_client_limit_in_process(brokers: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker run in this process (its loop on a thread): a client that never says hello is
+    told so and dropped; past ``max_clients`` a connection is closed at once; the others are
+    served throughout."""
+    from procwire.bus import _broker
+
+    monkeypatch.setattr(_broker, "HELLO_TIMEOUT", 0.3)
+    broker = _broker.Broker(brokers.path, max_clients=2)
+    thread = threading.Thread(target=asyncio.run, args=(broker.run(),), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: os.path.exists(brokers.path + ".pid"), what="the broker")
+        with _raw_client(brokers.path) as mute:
+            t0 = time.monotonic()
+            bye = _read_frame(mute)
+            assert bye[0] == "bye" and "no hello within 0.3 s" in bye[2]
+            assert time.monotonic() - t0 < 3
+            assert _read_frame(mute) is None
+        with _raw_client(brokers.path) as a, _raw_client(brokers.path) as b:
+            for s in (a, b):
+                s.sendall(_frame(HELLO))
+                assert _read_frame(s)[0] == "welcome"
+            with _raw_client(brokers.path) as third:
+                assert _read_frame(third) is None  # refused: closed without a word
+            a.sendall(_frame(["pub", 7, "x", {"k": 1}]))
+            assert _read_frame(a) == ["pub", 7, "x", {"k": 1}]  # a subscribes to "*" too
+            assert _read_frame(a) == ["ok", 7, "", 2]
+            assert _read_frame(b) == ["pub", 7, "x", {"k": 1}]
+        assert broker.refused == 1 and broker.bad_clients == 1
+    finally:
+        loop = broker._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(broker.stop)
+        thread.join(10)
+    assert not thread.is_alive() and not os.path.exists(brokers.path)
 
 
 def test_slow_subscriber_drop_oldest_then_gap_notice(brokers: Any) -> None:

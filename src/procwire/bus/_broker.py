@@ -1,22 +1,28 @@
 """The local broker: one asyncio process per user (per socket) that routes bus events by
 pattern and carries request/reply between the processes of one machine.
 
-It listens with procwire's own channel layer (``unix://``, length-prefixed frames; see
-``_wire.py`` for the frames) and never decodes event data: a publisher's frame is forwarded
-byte for byte to every client whose registered patterns match the event name, and to nobody
-else.
+It speaks procwire's channel framing over ``unix://`` (4-byte length, then the payload; see
+``_wire.py`` for the frames), with the sans-IO ``FrameDecoder`` driven straight from an asyncio
+``BufferedProtocol``: a frame is handled in the callback that read it, and what it causes is
+written in that same loop pass (no task, future or queue between reading and writing). It never
+decodes event data: a publisher's frame is forwarded byte for byte (one ``bytes`` object, built
+once) to every client whose registered patterns match the event name, and to nobody else. The
+frames one read brings in are answered with one write per client (the writes of a burst are
+coalesced).
 
 Flow control: every client has a bounded outgoing queue (``max_queue`` frames and
-``max_queue_bytes``). When a client reads too slowly and its queue fills, its ``policy`` decides:
-``drop_oldest`` discards the oldest events (counted; the client gets a ``procwire.gap`` notice
-saying how many once it catches up) or ``disconnect`` closes it (it reconnects and reports the
-gap itself). Acknowledgements, requests and replies go through a separate queue that is never
-dropped from; a client that lets that one overflow is disconnected. A publisher is never slowed
-down by a slow subscriber.
+``max_queue_bytes``) behind the socket's own small buffer (``_WRITE_BUFFER``). While the socket
+takes data, frames are written at once; once it is full, frames queue. When a client reads too
+slowly and its queue fills, its ``policy`` decides: ``drop_oldest`` discards the oldest events
+(counted; the client gets a ``procwire.gap`` notice saying how many once it catches up) or
+``disconnect`` closes it (it reconnects and reports the gap itself). Acknowledgements, requests
+and replies go through a separate queue that is never dropped from; a client that lets that one
+overflow is disconnected. A publisher is never slowed down by a slow subscriber.
 
-Bad clients: a frame that is not a broker frame, an unknown kind, a forbidden name, a frame over
-``max_frame`` bytes, or no ``hello`` within 5 s: the client gets ``bye`` with the reason and is
-disconnected, counted in ``bad_clients``; everybody else is untouched.
+Bad clients: a frame that is not a broker frame, an unknown kind, a forbidden name, or no
+``hello`` within 5 s: the client gets ``bye`` with the reason and is disconnected; a frame over
+``max_frame`` bytes: disconnected at once (the stream has no trustworthy boundary left). Both are
+counted in ``bad_clients``; everybody else is untouched.
 
 Lifetime: the broker holds an exclusive ``flock`` on ``<socket>.lock`` while it runs (a second
 broker on the same socket gives up), writes ``<socket>.pid``, and, with ``idle > 0``, exits after
@@ -32,6 +38,7 @@ import contextlib
 import logging
 import os
 import signal
+import struct
 import sys
 import time
 import uuid
@@ -40,12 +47,14 @@ from typing import Any
 
 import msgspec
 
-from .._async.channel import AsyncChannel, AsyncListener
-from .._async.channel import listen as alisten
-from .._errors import AddressInUse, ChannelClosed, ConnectionClosed, ProcwireError, Timeout
+from .._errors import AddressInUse, ProtocolError
+from .._url import Address
+from ..protocol.framing import FrameDecoder
+from ..transports import unix as _unix
+from ..transports.base import TransportOptions
 from ._paths import BrokerFiles, default_socket_path, try_lock
 from ._patterns import MAX_NAME, RESERVED_PREFIX, Matcher
-from ._wire import VERSION, BrokerFrame, decode_broker_frame, encode_frame
+from ._wire import VERSION, decode_broker_frame, encode_frame
 
 __all__ = ["DEFAULT_IDLE", "Broker", "main", "serve"]
 
@@ -60,9 +69,12 @@ DEFAULT_MAX_FRAME = (1 << 20) + 4096   # a 1 MiB message plus its envelope
 DEFAULT_MAX_CLIENTS = 4096
 MAX_PATTERNS = 10_000        # per client
 HELLO_TIMEOUT = 5.0
-_WRITE_BUFFER = 256 * 1024   # the channel's own buffer: small, so our queue is the real bound
+_WRITE_BUFFER = 256 * 1024   # the transport's own buffer: small, so our queue is the real bound
+_READ_BUFFER = 64 * 1024     # per client; a larger frame gets a buffer of its own
+_DRAIN_CHUNK = 64 * 1024     # queued frames joined into one write when a client catches up
 _ROUTE_CACHE = 4096
-_FAIR_BATCH = 64             # frames one client's reader handles before yielding to the loop
+
+_u32 = struct.Struct(">I").pack
 
 
 class _Bad(Exception):
@@ -95,12 +107,18 @@ def _name_ok(name: str) -> bool:
     return 0 < len(name) <= MAX_NAME and not name.startswith(RESERVED_PREFIX)
 
 
-class _Client:
-    """One connected bus, as the broker sees it."""
+def _framed(payload: bytes) -> bytes:
+    return _u32(len(payload)) + payload
 
-    def __init__(self, cid: int, ch: AsyncChannel) -> None:
-        self.id = cid
-        self.ch = ch
+
+class _Client(asyncio.BufferedProtocol):
+    """One connected bus, as the broker sees it: its connection's protocol and its state."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.id = 0
+        self.transport: asyncio.Transport | None = None
+        self.dec = FrameDecoder(broker.max_frame, _READ_BUFFER)
         self.space: _Space | None = None
         self.name = ""
         self.pid = 0
@@ -113,9 +131,9 @@ class _Client:
         self.max_queue = DEFAULT_QUEUE
         self.max_bytes = DEFAULT_QUEUE_BYTES
         self.policy = DEFAULT_POLICY
-        self.waiter: asyncio.Future[None] | None = None
-        self.idle = False     # the writer waits with nothing queued: others may write directly
-        self.closing = False
+        self.paused = False   # the transport's buffer is full: frames queue in out / ctl
+        self.closing = False  # said bye, failed, or gone: nothing more is sent or read
+        self.timer: asyncio.TimerHandle | None = None
         self.since = time.time()
         # counters
         self.frames_in = 0
@@ -126,12 +144,44 @@ class _Client:
         self.unreported = 0  # dropped, not yet told to the client
         self.queue_peak = 0
 
-    def wake(self) -> None:
-        w = self.waiter
-        if w is not None:
-            self.waiter = None
-            if not w.done():
-                w.set_result(None)
+    # -- asyncio protocol callbacks ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.broker._connected(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.closing:  # a broken stream's decoder refuses: read into a scrap buffer
+            return memoryview(bytearray(4096))
+        return self.dec.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closing:
+            return
+        try:
+            frames = self.dec.buffer_updated(nbytes)
+        except ProtocolError as exc:  # FrameTooLarge: no frame boundary to trust any more
+            self.broker._failed(self, exc)
+            return
+        if frames:
+            self.broker._frames(self, frames)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.broker._lost(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.broker._drain(self)
+
+    # -- status --------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
         return {"id": self.id, "pid": self.pid, "name": self.name,
@@ -215,15 +265,18 @@ class Broker:
         self.max_clients = max_clients
         self.run_id = uuid.uuid4().hex[:16]
         self.started = time.time()
-        self.clients: dict[int, _Client] = {}
+        self.clients: dict[int, _Client] = {}   # connected and not told to go
+        self.conns: set[_Client] = set()        # every open connection, leaving ones too
         self.spaces: dict[str, _Space] = {}
         self.by_reply: dict[str, _Client] = {}
         self._next_id = 0
         self._stop: asyncio.Event | None = None
-        self._listener: AsyncListener | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._last_activity = time.monotonic()
         self._samples: deque[tuple[float, int, int, int]] = deque(maxlen=6)
-        self._tasks: set[asyncio.Task[None]] = set()
+        # While the frames of one read are handled: what each client gets, written as one
+        # buffer at the end (None: write at once).
+        self._batch: dict[_Client, list[bytes]] | None = None
         # counters
         self.clients_seen = 0
         self.events_in = 0
@@ -240,11 +293,18 @@ class Broker:
     # -- serving -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.files.ensure_folder()
-        self._listener = await alisten(self.files.url, codec="raw", max_frame_size=self.max_frame,
-                                       write_buffer=_WRITE_BUFFER, inbox=1 << 20, backlog=512)
+        sock, _, unlink = _unix._bind(Address.parse(self.files.url),
+                                      TransportOptions(backlog=512))
+        try:
+            server = await loop.create_unix_server(lambda: _Client(self), sock=sock)
+        except BaseException:
+            sock.close()
+            if unlink is not None:
+                unlink()
+            raise
         fd = os.open(self.files.pid + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
@@ -254,22 +314,23 @@ class Broker:
                 loop.add_signal_handler(sig, self._stop.set)
         log.info("procwire broker %d listening on %s (idle exit: %s)", os.getpid(),
                  self.files.socket, f"{self.idle} s" if self.idle > 0 else "never")
-        accept = asyncio.create_task(self._accept_loop())
         ticker = asyncio.create_task(self._ticker())
-        tasks = self._tasks
         try:
             await self._stop.wait()
         finally:
-            listener, self._listener = self._listener, None
-            await listener.close()       # unlinks the socket: new clients start a new broker
-            accept.cancel()
+            server.close()               # no new clients; the socket file goes too, so new
+            if unlink is not None:       # clients start a new broker
+                unlink()
             ticker.cancel()
             for c in list(self.clients.values()):
                 self._bye(c, "shutdown")
-            if tasks:
-                await asyncio.wait(tasks, timeout=2)
-            for t in tasks:
-                t.cancel()
+            deadline = time.monotonic() + 2.0
+            while self.conns and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            for c in list(self.conns):
+                if c.transport is not None:
+                    c.transport.abort()
+            await asyncio.sleep(0)       # let connection_lost run
             if self.files.read_pid() == os.getpid():
                 with contextlib.suppress(OSError):
                     os.unlink(self.files.pid)
@@ -278,25 +339,6 @@ class Broker:
     def stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
-
-    async def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while True:
-            try:
-                ch = await self._listener.accept()
-            except ChannelClosed:
-                return
-            except (ProcwireError, OSError) as exc:  # e.g. out of file descriptors
-                log.warning("accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            if len(self.clients) >= self.max_clients:
-                self.refused += 1
-                await ch.close(0)
-                continue
-            task = asyncio.create_task(self._serve(ch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
 
     async def _ticker(self) -> None:
         step = 1.0 if self.idle <= 0 else min(1.0, max(0.05, self.idle / 4))
@@ -307,61 +349,161 @@ class Broker:
             if now - last_sample >= 1.0:
                 last_sample = now
                 self._samples.append((now, self.events_in, self.deliveries, self.requests_in))
-            if self.idle > 0 and not self.clients and now - self._last_activity >= self.idle:
+            if self.idle > 0 and not self.conns and now - self._last_activity >= self.idle:
                 log.info("no clients for %.1f s: exiting", self.idle)
                 self.stop()
                 return
 
-    # -- one client --------------------------------------------------------------------------
+    # -- connections -------------------------------------------------------------------------
 
-    async def _serve(self, ch: AsyncChannel) -> None:
+    def _connected(self, c: _Client) -> None:
+        assert c.transport is not None and self._loop is not None
+        if len(self.clients) >= self.max_clients:
+            self.refused += 1
+            c.closing = True
+            c.transport.abort()
+            return
         self._next_id += 1
-        c = _Client(self._next_id, ch)
+        c.id = self._next_id
         self.clients[c.id] = c
+        self.conns.add(c)
         self.clients_seen += 1
-        writer: asyncio.Task[None] | None = None
+        c.transport.set_write_buffer_limits(high=_WRITE_BUFFER)
+        c.timer = self._loop.call_later(HELLO_TIMEOUT, self._hello_late, c)
+
+    def _hello_late(self, c: _Client) -> None:
+        c.timer = None
+        if c.space is None and not c.closing:
+            self._protocol_error(c, f"no hello within {HELLO_TIMEOUT} s")
+
+    def _lost(self, c: _Client) -> None:
+        self.conns.discard(c)
+        self._forget(c)
+        if c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
+        c.out.clear()
+        c.ctl.clear()
+        c.out_bytes = 0
+        if self._batch is not None:
+            self._batch.pop(c, None)
+        self._last_activity = time.monotonic()
+
+    def _protocol_error(self, c: _Client, reason: str) -> None:
+        self.bad_clients += 1
+        if self.bad_clients <= 10 or self.bad_clients % 1000 == 0:
+            log.warning("client %d (pid %d): %s; disconnected (%d bad clients so far)",
+                        c.id, c.pid, reason, self.bad_clients)
+        self._bye(c, f"protocol error: {reason}")
+
+    def _failed(self, c: _Client, exc: BaseException) -> None:
+        """The stream itself is broken (a frame over the limit): close, no bye."""
+        self.bad_clients += 1
+        log.warning("client %d (pid %d): %s; disconnected", c.id, c.pid, exc)
+        c.closing = True
+        self._forget(c)
+        if c.transport is not None:
+            c.transport.abort()
+
+    # -- incoming frames ---------------------------------------------------------------------
+
+    def _frames(self, c: _Client, frames: list[memoryview]) -> None:
+        """The frames of one read (views into ``c``'s read buffer, valid until we return)."""
+        if len(frames) == 1:  # a request, a reply, an emit: written out at once
+            self._frame_safely(c, frames[0])
+            return
+        batch: dict[_Client, list[bytes]] = {}
+        self._batch = batch
         try:
-            try:
-                first = await ch.recv(timeout=HELLO_TIMEOUT)
-            except Timeout:
-                raise _Bad(f"no hello within {HELLO_TIMEOUT} s") from None
-            try:
-                hello = decode_broker_frame(first)
-            except (msgspec.DecodeError, ValueError) as exc:
-                raise _Bad(f"not a broker frame: {exc}") from None
-            if hello.kind != "hello":
-                raise _Bad(f"the first frame must be hello, not {hello.kind!r}")
-            self._hello(c, hello)
-            writer = asyncio.create_task(self._writer(c))
-            await self._read_loop(c)
+            for f in frames:
+                if c.closing:
+                    break
+                self._frame_safely(c, f)
+        finally:
+            self._batch = None
+            for t, parts in batch.items():
+                tr = t.transport
+                if not t.closing and tr is not None and not tr.is_closing():
+                    tr.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _frame_safely(self, c: _Client, b: memoryview) -> None:
+        try:
+            self._frame(c, b)
         except _Bad as exc:
-            self.bad_clients += 1
-            if self.bad_clients <= 10 or self.bad_clients % 1000 == 0:
-                log.warning("client %d (pid %d): %s; disconnected (%d bad clients so far)",
-                            c.id, c.pid, exc, self.bad_clients)
-            self._bye(c, f"protocol error: {exc}")
-            if writer is None:
-                writer = asyncio.create_task(self._writer(c))
-        except ProcwireError as exc:  # FrameTooLarge, a reset...
-            if not isinstance(exc, ConnectionClosed | ChannelClosed):
-                self.bad_clients += 1
-                log.warning("client %d (pid %d): %s; disconnected", c.id, c.pid, exc)
+            self._protocol_error(c, str(exc))
         except Exception:  # a bug: drop this client, keep serving the others, say so
             log.exception("client %d (pid %d): unexpected error; disconnected", c.id, c.pid)
-        finally:
-            self._forget(c)
-            if writer is not None:
-                if c.closing:  # let the bye go out
-                    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                        await asyncio.wait_for(asyncio.shield(writer), 1.0)
-                writer.cancel()
-            with contextlib.suppress(ProcwireError, OSError):
-                await ch.close(timeout=0.5)
-            self._last_activity = time.monotonic()
+            self._bye(c, "internal error")
 
-    def _hello(self, c: _Client, f: BrokerFrame) -> None:
+    def _frame(self, c: _Client, b: memoryview) -> None:
+        c.frames_in += 1
         try:
-            h = _decode_hello(f.body)
+            f = decode_broker_frame(b)
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise _Bad(f"not a broker frame: {exc}") from None
+        space = c.space
+        kind = f.kind
+        if space is None:
+            if kind != "hello":
+                raise _Bad(f"the first frame must be hello, not {kind!r}")
+            self._hello(c, f.seq, f.name, f.body)
+            return
+        if kind == "pub":
+            name = f.name
+            if not _name_ok(name):
+                raise _Bad(f"event name not allowed: {name[:80]!r}")
+            targets = space.routes.get(name)
+            if targets is None:
+                targets = space.route(name)
+            if targets:
+                wire = _u32(len(b)) + b   # built once, the same bytes to every subscriber
+                send = self._send
+                for t in targets:
+                    send(t, wire, False)
+            n = len(targets)
+            self.events_in += 1
+            self.deliveries += n
+            c.events_in += 1
+            if f.seq:
+                self._send(c, _framed(b'["ok",%d,"",%d]' % (f.seq, n)), True)
+        elif kind == "req":
+            self._request(c, space, f.seq, f.name, f.body, b)
+        elif kind == "rep":
+            target = self.by_reply.get(f.name)
+            if target is None:
+                self.replies_unroutable += 1
+            else:
+                self.replies += 1
+                self._send(target, _u32(len(b)) + b, True)
+        elif kind == "pubs":
+            self._publish_batch(c, space, f.seq, f.body, b)
+        elif kind in ("sub", "unsub", "handle", "unhandle"):
+            try:
+                if kind == "sub":
+                    self._sub(c, f.name)
+                elif kind == "unsub":
+                    if c.patterns.pop(f.name, None) is not None:
+                        space.resubscribed(c)
+                elif kind == "handle":
+                    self._handle(c, f.name)
+                else:
+                    c.handles.discard(f.name)
+                    space.unhandle(c, f.name)
+            except ValueError as exc:
+                if f.seq:
+                    self._send(c, _framed(encode_frame("err", f.seq, "", {
+                        "type": "ValueError", "message": str(exc)})), True)
+                return
+            if f.seq:
+                self._send(c, _framed(b'["ok",%d,"",null]' % f.seq), True)
+        elif kind == "stats":
+            self._send(c, _framed(encode_frame("ok", f.seq, "", self.stats())), True)
+        else:
+            raise _Bad(f"unknown frame kind {kind[:40]!r}")
+
+    def _hello(self, c: _Client, seq: int, name: str, body: msgspec.Raw) -> None:
+        try:
+            h = _decode_hello(body)
         except (msgspec.DecodeError, ValueError) as exc:
             raise _Bad(f"bad hello: {exc}") from None
         if h.version != VERSION:
@@ -370,7 +512,10 @@ class Broker:
             raise _Bad("bad channel name")
         if len(h.reply_to) > 200 or len(h.patterns) > MAX_PATTERNS:
             raise _Bad("hello too large")
-        c.name = f.name[:200]
+        if c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
+        c.name = name[:200]
         c.pid = h.pid
         if h.queue > 0:
             c.max_queue = min(h.queue, self.max_queue)
@@ -389,141 +534,66 @@ class Broker:
         try:
             for p in h.patterns:
                 self._sub(c, p)
-            for name in h.handles:
-                self._handle(c, name)
+            for n in h.handles:
+                self._handle(c, n)
         except (ValueError, TypeError) as exc:
             raise _Bad(f"bad hello: {exc}") from None
-        self._ctl(c, encode_frame("welcome", f.seq, "", {
+        self._send(c, _framed(encode_frame("welcome", seq, "", {
             "broker_pid": os.getpid(), "run_id": self.run_id, "client_id": c.id,
             "max_frame": self.max_frame, "queue": c.max_queue, "policy": c.policy,
-            "version": VERSION}))
+            "version": VERSION})), True)
 
-    async def _read_loop(self, c: _Client) -> None:
-        recv = c.ch.recv
-        decode = decode_broker_frame
-        space = c.space
-        assert space is not None
-        routes = space.routes
-        burst = 0
-        while True:
-            b = await recv()
-            c.frames_in += 1
-            burst += 1
-            if burst >= _FAIR_BATCH:
-                # recv() does not yield while this client's inbox holds frames: let the
-                # writers (and other clients) run now and then.
-                burst = 0
-                await asyncio.sleep(0)
-            try:
-                f = decode(b)
-            except (msgspec.DecodeError, ValueError) as exc:
-                raise _Bad(f"not a broker frame: {exc}") from None
-            kind = f.kind
-            if kind == "pub":
-                name = f.name
-                if not _name_ok(name):
-                    raise _Bad(f"event name not allowed: {name[:80]!r}")
-                targets = routes.get(name)
-                if targets is None:
-                    targets = space.route(name)
-                for t in targets:
-                    if t.idle:
-                        await self._direct(t, b)
-                    else:
-                        self._push(t, b)
-                n = len(targets)
-                self.events_in += 1
-                self.deliveries += n
-                c.events_in += 1
-                if f.seq:
-                    await self._reply(c, b'["ok",%d,"",%d]' % (f.seq, n))
-            elif kind == "pubs":
-                await self._publish_batch(c, space, f, b)
-            elif kind == "req":
-                await self._request(c, space, f, b)
-            elif kind == "rep":
-                target = self.by_reply.get(f.name)
-                if target is None:
-                    self.replies_unroutable += 1
-                else:
-                    self.replies += 1
-                    await self._reply(target, b)
-            elif kind in ("sub", "unsub", "handle", "unhandle"):
-                try:
-                    if kind == "sub":
-                        self._sub(c, f.name)
-                    elif kind == "unsub":
-                        if c.patterns.pop(f.name, None) is not None:
-                            space.resubscribed(c)
-                    elif kind == "handle":
-                        self._handle(c, f.name)
-                    else:
-                        c.handles.discard(f.name)
-                        space.unhandle(c, f.name)
-                except ValueError as exc:
-                    if f.seq:
-                        self._ctl(c, encode_frame("err", f.seq, "", {
-                            "type": "ValueError", "message": str(exc)}))
-                    continue
-                if f.seq:
-                    await self._reply(c, b'["ok",%d,"",null]' % f.seq)
-            elif kind == "stats":
-                await self._reply(c, encode_frame("ok", f.seq, "", self.stats()))
-            else:
-                raise _Bad(f"unknown frame kind {kind[:40]!r}")
-
-    async def _publish_batch(self, c: _Client, space: _Space, f: BrokerFrame,
-                             b: bytes) -> None:
+    def _publish_batch(self, c: _Client, space: _Space, seq: int, body: msgspec.Raw,
+                       b: memoryview) -> None:
         """``pubs``: many events in one frame. When every event goes to the same buses (the
         usual case: one name, or names with the same subscribers), the frame is forwarded
         unchanged, one write per bus for the whole batch; otherwise each bus gets a frame
         with just its events, in order."""
         try:
-            items = _decode_batch(f.body)
+            items = _decode_batch(body)
         except (msgspec.DecodeError, ValueError) as exc:
             raise _Bad(f"bad event batch: {exc}") from None
         routes = space.routes
         first: tuple[_Client, ...] | None = None
         same = True
         per: list[tuple[_Client, ...]] = []
+        last_name = None
+        targets: tuple[_Client, ...] = ()
         for name, _ in items:
-            if not _name_ok(name):
-                raise _Bad(f"event name not allowed: {name[:80]!r}")
-            targets = routes.get(name)
-            if targets is None:
-                targets = space.route(name)
+            if name != last_name:  # batches mostly repeat one name
+                if not _name_ok(name):
+                    raise _Bad(f"event name not allowed: {name[:80]!r}")
+                targets = routes.get(name)  # type: ignore[assignment]
+                if targets is None:
+                    targets = space.route(name)
+                last_name = name
+                if first is None:
+                    first = targets
+                elif targets is not first and targets != first:
+                    same = False
             per.append(targets)
-            if first is None:
-                first = targets
-            elif targets is not first and targets != first:
-                same = False
         n = 0
+        send = self._send
         if same and first:
             n = len(first) * len(items)
+            wire = _u32(len(b)) + b
             for t in first:
-                if t.idle:
-                    await self._direct(t, b)
-                else:
-                    self._push(t, b)
+                send(t, wire, False)
         elif not same:
             mine: dict[_Client, list[bytes]] = {}
-            for (name, data), targets in zip(items, per, strict=True):
-                if targets:
+            for (name, data), ts in zip(items, per, strict=True):
+                if ts:
                     item = b"[" + _json_str(name) + b"," + bytes(data) + b"]"
-                    for t in targets:
+                    for t in ts:
                         mine.setdefault(t, []).append(item)
-                    n += len(targets)
+                    n += len(ts)
             for t, parts in mine.items():
-                frame = b'["pubs",0,"",[' + b",".join(parts) + b"]]"
-                if t.idle:
-                    await self._direct(t, frame)
-                else:
-                    self._push(t, frame)
+                send(t, _framed(b'["pubs",0,"",[' + b",".join(parts) + b"]]"), False)
         self.events_in += len(items)
         self.deliveries += n
         c.events_in += len(items)
-        if f.seq:
-            await self._reply(c, b'["ok",%d,"",%d]' % (f.seq, n))
+        if seq:
+            send(c, _framed(b'["ok",%d,"",%d]' % (seq, n)), True)
 
     def _sub(self, c: _Client, pattern: str) -> None:
         if pattern in c.patterns:
@@ -543,71 +613,97 @@ class Broker:
             hs.append(c)
         c.handles.add(name)
 
-    async def _request(self, c: _Client, space: _Space, f: BrokerFrame, b: bytes) -> None:
-        if not _name_ok(f.name):
-            raise _Bad(f"request name not allowed: {f.name[:80]!r}")
+    def _request(self, c: _Client, space: _Space, seq: int, name: str, body: msgspec.Raw,
+                 b: memoryview) -> None:
+        if not _name_ok(name):
+            raise _Bad(f"request name not allowed: {name[:80]!r}")
         self.requests_in += 1
         c.requests_in += 1
-        target = space.pick_handler(f.name)
+        target = space.pick_handler(name)
         if target is not None:
-            await self._reply(target, b)
+            self._send(target, _u32(len(b)) + b, True)
             return
         try:
-            head = _decode_req(f.body)
+            head = _decode_req(body)
         except (msgspec.DecodeError, ValueError) as exc:
             raise _Bad(f"bad request: {exc}") from None
         self.no_responder += 1
         # Straight back to the requester: nobody will answer, so it need not wait.
-        await self._reply(c, encode_frame("rep", 0, head.reply_to, {"id": head.id,
-                                                                    "no_responder": True}))
+        self._send(c, _framed(encode_frame("rep", 0, head.reply_to, {
+            "id": head.id, "no_responder": True})), True)
 
     # -- outgoing ----------------------------------------------------------------------------
 
-    async def _direct(self, c: _Client, b: bytes) -> None:
-        """Write ``b`` to an idle client at once (no queue, no writer wake-up: the common
-        case, and what keeps a request/reply at one loop pass per hop). The channel writes
-        before it would wait for the peer to drain; ``timeout=0`` turns that wait into a
-        ``Timeout`` one loop pass later, and the client's writer task takes over from there."""
-        try:
-            await c.ch.send(b, timeout=0)
-        except Timeout:
-            c.idle = False  # its socket is full: queue from now on
-        except ProcwireError:
-            return  # gone: its own reader task cleans up
-        c.delivered += 1
-
-    async def _reply(self, c: _Client, b: bytes) -> None:
-        if c.idle and not c.closing:
-            await self._direct(c, b)
+    def _send(self, t: _Client, data: bytes, ctl: bool) -> None:
+        """Give ``t`` one framed message: written now (or at the end of this read's frames)
+        while its socket takes data, queued (bounded, see the module docstring) when not.
+        ``ctl``: an answer, request or reply (never dropped) rather than an event."""
+        if t.closing:
+            return
+        if t.paused:
+            if ctl:
+                t.ctl.append(data)
+                if len(t.ctl) > t.max_queue:
+                    self.slow_disconnects += 1
+                    self._bye(t, f"slow consumer: {len(t.ctl)} replies and acknowledgements "
+                                 "unread")
+                return
+            out = t.out
+            out.append(data)
+            t.out_bytes += len(data)
+            if len(out) > t.queue_peak:
+                t.queue_peak = len(out)
+            if len(out) >= t.max_queue or t.out_bytes > t.max_bytes:
+                self._overflow(t)
+            return
+        batch = self._batch
+        if batch is None:
+            tr = t.transport
+            if tr is None or tr.is_closing():  # failed: connection_lost is on its way
+                return
+            t.delivered += 1
+            tr.write(data)
         else:
-            self._ctl(c, b)
+            t.delivered += 1
+            parts = batch.get(t)
+            if parts is None:
+                batch[t] = [data]
+            else:
+                parts.append(data)
 
-    def _push(self, c: _Client, b: bytes) -> None:
-        if c.closing:
+    def _drain(self, c: _Client) -> None:
+        """``c``'s socket takes data again: write what queued, a chunk at a time, then the
+        gap notice if events were dropped."""
+        tr = c.transport
+        if tr is None:
             return
-        out = c.out
-        out.append(b)
-        c.out_bytes += len(b)
-        if len(out) >= c.max_queue or c.out_bytes > c.max_bytes:
-            self._overflow(c)
-        if c.waiter is not None:
-            c.wake()
-
-    def _ctl(self, c: _Client, b: bytes) -> None:
-        if c.closing:
-            return
-        c.ctl.append(b)
-        if len(c.ctl) > c.max_queue:
-            self.slow_disconnects += 1
-            self._bye(c, f"slow consumer: {len(c.ctl)} replies and acknowledgements unread")
-            return
-        if c.waiter is not None:
-            c.wake()
+        ctl, out = c.ctl, c.out
+        while not c.paused and not c.closing:
+            if ctl or out:
+                chunk: list[bytes] = []
+                size = 0
+                while ctl and size < _DRAIN_CHUNK:
+                    b = ctl.popleft()
+                    chunk.append(b)
+                    size += len(b)
+                while out and size < _DRAIN_CHUNK:
+                    b = out.popleft()
+                    c.out_bytes -= len(b)
+                    chunk.append(b)
+                    size += len(b)
+                c.delivered += len(chunk)
+                tr.write(b"".join(chunk))
+            elif c.unreported:
+                n, c.unreported = c.unreported, 0
+                tr.write(_framed(encode_frame("notice", 0, "procwire.gap", {
+                    "reason": "slow_consumer", "dropped": n,
+                    "detail": f"the broker dropped {n} events this bus read too slowly "
+                              f"for (queue of {c.max_queue}, policy drop_oldest)"})))
+            else:
+                return
 
     def _overflow(self, c: _Client) -> None:
         out = c.out
-        if len(out) > c.queue_peak:
-            c.queue_peak = len(out)
         if c.policy == "disconnect":
             self.slow_disconnects += 1
             log.info("client %d (pid %d) fell %d events behind: disconnected", c.id, c.pid,
@@ -623,58 +719,26 @@ class Broker:
         self.dropped += n
 
     def _bye(self, c: _Client, reason: str) -> None:
+        """Tell ``c`` why, then close its connection (what is queued for it is dropped)."""
         if c.closing:
             return
+        c.closing = True
         c.out.clear()
         c.out_bytes = 0
         c.ctl.clear()
-        c.ctl.append(encode_frame("bye", 0, reason[:500], None))
-        c.closing = True
-        c.idle = False
         self._forget(c)
-        c.wake()
-        # The writer may be stuck behind a peer that reads nothing: cut it off if the bye
-        # has not gone out in a second.
-        task = asyncio.get_running_loop().create_task(self._cut(c))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _cut(self, c: _Client) -> None:
-        await asyncio.sleep(1.0)
-        with contextlib.suppress(ProcwireError, OSError):
-            await c.ch.close(timeout=0)
-
-    async def _writer(self, c: _Client) -> None:
-        loop = asyncio.get_running_loop()
-        send = c.ch.send
-        out, ctl = c.out, c.ctl
-        try:
-            while True:
-                if ctl:
-                    b = ctl.popleft()
-                elif out:
-                    b = out.popleft()
-                    c.out_bytes -= len(b)
-                elif c.unreported:
-                    n, c.unreported = c.unreported, 0
-                    b = encode_frame("notice", 0, "procwire.gap", {
-                        "reason": "slow_consumer", "dropped": n,
-                        "detail": f"the broker dropped {n} events this bus read too slowly "
-                                  f"for (queue of {c.max_queue}, policy drop_oldest)"})
-                elif c.closing:
-                    await c.ch.close(timeout=1.0)
-                    return
-                else:
-                    c.idle = True  # nothing queued, the socket takes more: write directly
-                    fut = loop.create_future()
-                    c.waiter = fut
-                    await fut
-                    c.idle = False
-                    continue
-                await send(b)
-                c.delivered += 1
-        except (ProcwireError, OSError):
-            pass
+        if self._batch is not None:
+            self._batch.pop(c, None)
+        tr = c.transport
+        if tr is None or tr.is_closing():
+            return
+        tr.write(_framed(encode_frame("bye", 0, reason[:500], None)))
+        tr.close()  # after what the transport holds is written
+        # The peer may read nothing: cut it off if that has not gone out in a second.
+        assert self._loop is not None
+        if c.timer is not None:
+            c.timer.cancel()
+        c.timer = self._loop.call_later(1.0, tr.abort)
 
     def _forget(self, c: _Client) -> None:
         if self.clients.pop(c.id, None) is None:

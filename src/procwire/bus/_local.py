@@ -11,13 +11,17 @@ When nothing listens on the socket, the bus starts a broker, detached (its own s
 to ``<socket>.log``, not a child that dies with this process), under an ``flock`` on
 ``<socket>.spawn`` so that many processes starting at once start one broker.
 
-One connection per bus, read by one thread. If it breaks (the broker was killed, or it
-disconnected this bus for reading too slowly), the thread reconnects with backoff, starting a
-new broker when none runs, registers the bus's patterns and request names again, and emits
-``procwire.gap`` with ``{"reason", "detail", "down_for", "backend"}``: events published
-meanwhile are lost. ``reason``: ``restarted`` (a new broker), ``dropped_by_server`` (the broker
-said bye: too slow, or a protocol error), ``connection_lost``; the broker itself sends
-``slow_consumer`` gaps when it dropped events under ``drop_oldest``.
+One main connection per bus, read by one thread (events, requests to this bus's handlers,
+acknowledgements), plus, from the first request of a blocking bus on, a requests connection
+whose reply the requesting thread reads itself (one thread at a time; the others, and the
+asyncio bus, send requests on the main connection). If the main connection breaks (the broker
+was killed, or it disconnected this bus for reading too slowly), the thread reconnects with
+backoff, starting a new broker when none runs, registers the bus's patterns and request names
+again, and emits ``procwire.gap`` with ``{"reason", "detail", "down_for", "backend"}``: events
+published meanwhile are lost (the requests connection is opened again at the next request).
+``reason``: ``restarted`` (a new broker), ``dropped_by_server`` (the broker said bye: too slow,
+or a protocol error), ``connection_lost``; the broker itself sends ``slow_consumer`` gaps when
+it dropped events under ``drop_oldest``.
 
 ``emit`` is confirmed by the broker (it returns how many buses got the event); during an outage
 it waits for the reconnection up to its timeout, then raises ``procwire.Timeout``. If the broker
@@ -54,13 +58,22 @@ from .._sync.channel import connect as sync_connect
 from ._backend import Backend, Sink
 from ._broker import BROKER_POLICIES, DEFAULT_IDLE, LOCK_TAKEN
 from ._paths import BrokerFiles, default_socket_path, wait_lock
-from ._wire import VERSION, ClientFrame, WireCodec, batch_frame, encode_frame, encode_item
+from ._wire import (
+    VERSION,
+    ClientFrame,
+    WireCodec,
+    batch_frame,
+    encode_batch,
+    encode_frame,
+    encode_item,
+)
 
 __all__ = ["LocalBackend", "connect_broker", "start_broker"]
 
 log = logging.getLogger("procwire.bus")
 
 _ENVELOPE = 4096  # bytes of frame around a message's data, within the broker's max frame
+_ASYNC_IO_THREAD = "procwire-bus-io"  # AsyncBus's single I/O thread (see request())
 
 
 def _src_root() -> str:
@@ -199,6 +212,11 @@ class LocalBackend(Backend):
         self._up = threading.Event()
         self._limit = max_message_size + _ENVELOPE
         self._registered: tuple[set[str], set[str]] = (set(), set())
+        # The requests connection (see _request_direct): one thread at a time uses it.
+        self._rr: Channel | None = None
+        self._rr_lock = threading.Lock()
+        self._rr_reply_to = uuid.uuid4().hex
+        self._rr_retry_at = 0.0
         self.broker: dict[str, Any] = {}
         # counters
         self.reconnects = 0
@@ -207,6 +225,7 @@ class LocalBackend(Backend):
         self.events_received = 0
         self.bad_frames = 0
         self.gaps_from_broker = 0
+        self.requests_direct = 0  # sent on the requests connection (the fast path)
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -476,6 +495,10 @@ class LocalBackend(Backend):
     def publish_many(self, events: list[tuple[str, Any]], timeout: float | None) -> None:
         if not events:
             return
+        body = encode_batch(events, self._limit - 32)
+        if body is not None:  # the usual case: one encoder call, one frame
+            self._call_raw(lambda seq: b'["pubs",%d,"",' % seq + body + b"]", "pubs", timeout)
+            return
         # Encode everything first: a bad event raises before anything is sent. The events
         # travel in "pubs" frames of up to the frame limit (the broker forwards a batch as
         # one write per subscriber); one confirmation for the lot, since the broker handles
@@ -493,9 +516,107 @@ class LocalBackend(Backend):
         self._call_raw(lambda seq: batch_frame(seq, chunks[-1]), "pubs", timeout, head)
 
     def request(self, name: str, request: dict[str, Any], timeout: float | None) -> int:
+        # The broker answers {no_responder: true} itself when nobody handles it, so the
+        # count is never needed (-1).
+        if self._rr_lock.acquire(blocking=False):
+            try:
+                if self._request_direct(name, request, timeout):
+                    return -1
+            finally:
+                self._rr_lock.release()
         data = encode_frame("req", 0, name, request, self._limit)
         self._send(data, timeout, "the request was not sent")
-        return -1  # the broker answers {no_responder: true} itself when nobody handles it
+        return -1
+
+    def _request_direct(self, name: str, request: dict[str, Any],
+                        timeout: float | None) -> bool:
+        """The fast path of a request (``_rr_lock`` held): sent on this bus's requests
+        connection, whose replies the calling thread reads itself, and delivered to the sink
+        before returning, so the waiting caller needs no wake-up from another thread.
+        True: sent, and answered or timed out; False: not sent, use the main connection."""
+        if self._closed or threading.current_thread().name.startswith(_ASYNC_IO_THREAD):
+            return False  # the asyncio bus's one I/O thread must not wait a round trip
+        ch = self._rr or self._open_rr()
+        if ch is None:
+            return False
+        cid = request.get("id")
+        data = encode_frame("req", 0, name, dict(request, reply_to=self._rr_reply_to),
+                            self._limit)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            ch.send(data, timeout=timeout)
+        except (ProcwireError, OSError):
+            self._drop_rr(ch)
+            return False
+        self.requests_direct += 1
+        sink = self._sink
+        assert sink is not None
+        wait = timeout  # the same value every time: no change of the socket's timeout
+        while True:
+            try:
+                f = ch.recv(wait)
+            except Timeout:
+                return True
+            except DecodeError as exc:
+                self.bad_frames += 1
+                log.warning("procwire bus: skipped a bad frame from the broker: %s", exc)
+                continue
+            except (ProcwireError, OSError):
+                # Lost with the request in flight: like on the main connection, the caller
+                # times out (a resend could run the handler twice).
+                self._drop_rr(ch)
+                return True
+            if f.kind == "rep" and isinstance(f.body, dict):
+                sink.on_reply(f.body)  # ours, or a late one for an earlier timed-out call
+                if f.body.get("id") == cid:
+                    return True
+            elif f.kind == "bye":
+                self._drop_rr(ch)
+                return True
+            else:
+                self.bad_frames += 1
+            if deadline is not None:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    return True
+
+    def _open_rr(self) -> Channel | None:
+        """Connect the requests connection (never starts a broker: the main connection's
+        reader does that); None when the broker is not reachable right now."""
+        now = time.monotonic()
+        if not self._up.is_set() or now < self._rr_retry_at:
+            return None
+        ch: Channel | None = None
+        try:
+            ch = connect_broker(self.files, timeout=2.0, autostart=False)
+            ch.send(encode_frame("hello", 1, self._name + " requests", {
+                "pid": os.getpid(), "reply_to": self._rr_reply_to, "channel": self.channel,
+                "patterns": [], "handles": [], "queue": self.queue, "policy": self.policy,
+                "version": VERSION}), timeout=2.0)
+            f: ClientFrame = ch.recv(timeout=2.0)
+            if f.kind != "welcome":
+                raise ProtocolError(f"the broker answered hello with {f.kind!r}")
+        except (ProcwireError, OSError) as exc:
+            log.debug("procwire bus: no requests connection: %s", exc)
+            if ch is not None:
+                ch.close(0)
+            self._rr_retry_at = now + 1.0
+            return None
+        with self._lock:
+            if self._closed:
+                ch.close(0)
+                return None
+            self._rr = ch
+        return ch
+
+    def _drop_rr(self, ch: Channel) -> None:
+        with self._lock:
+            if self._rr is ch:
+                self._rr = None
+        try:
+            ch.close(0)
+        except ProcwireError:
+            pass
 
     def reply(self, reply_to: str, reply: dict[str, Any], timeout: float | None) -> None:
         self._send(encode_frame("rep", 0, reply_to, reply, self._limit), timeout,
@@ -558,7 +679,8 @@ class LocalBackend(Backend):
                 "run_id": self.broker.get("run_id"), "reconnects": self.reconnects,
                 "server_disconnects": self.server_disconnects,
                 "events_received": self.events_received, "bad_frames": self.bad_frames,
-                "gaps_from_broker": self.gaps_from_broker}
+                "gaps_from_broker": self.gaps_from_broker,
+                "requests_direct": self.requests_direct}
 
     def close(self, timeout: float | None) -> None:
         with self._lock:
@@ -566,6 +688,12 @@ class LocalBackend(Backend):
                 return
             self._closed = True
             ch, self._ch = self._ch, None
+            rr, self._rr = self._rr, None
+        if rr is not None:  # wakes a thread waiting for a reply on it
+            try:
+                rr.close(0)
+            except ProcwireError:
+                pass
         self._stop.set()
         self._up.set()  # wake anyone waiting for a reconnection: they see _closed
         if ch is not None:

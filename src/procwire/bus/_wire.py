@@ -43,8 +43,8 @@ import msgspec
 from .._errors import DecodeError, EncodeError, MessageTooLarge
 from ..codecs import _has_nonfinite
 
-__all__ = ["VERSION", "BrokerFrame", "ClientFrame", "WireCodec", "batch_frame", "encode_frame",
-           "encode_item"]
+__all__ = ["VERSION", "BrokerFrame", "ClientFrame", "WireCodec", "batch_frame", "encode_batch",
+           "encode_frame", "encode_item"]
 
 VERSION = 1
 
@@ -99,6 +99,20 @@ def encode_item(name: str, data: Any, limit: int | None = None) -> bytes:
     if limit is not None and len(out) > limit:
         raise MessageTooLarge(f"{len(out)} bytes of JSON exceed the limit of {limit} "
                               "(nothing was sent)")
+    return out
+
+
+def encode_batch(events: list[tuple[str, Any]], limit: int) -> bytes | None:
+    """All of ``events`` as one JSON array of ``[name, data]`` pairs (one encoder call, not one
+    per event), or None when that is not possible in one frame: over ``limit`` bytes, or some
+    event that JSON cannot carry (the caller then encodes item by item with ``encode_item``,
+    which splits the batch into frames or raises the precise error)."""
+    try:
+        out = _encoder.encode(events)
+    except (TypeError, msgspec.EncodeError, OverflowError):
+        return None
+    if len(out) > limit or (b"null" in out and any(_has_nonfinite(d) for _, d in events)):
+        return None
     return out
 
 
