@@ -175,6 +175,40 @@ def test_emit_many_one_frame_or_split_and_checked_first(brokers: Any) -> None:
         assert sub.stats()["backend"]["events_received"] == 401
 
 
+def test_a_batch_is_delivered_in_order_to_each_subscription_with_its_policy(
+        brokers: Any) -> None:
+    # One emit_many frame reaches the subscriber as one batch: each subscription gets its share
+    # in order, with one wake-up, and its overflow policy still applies when the batch does not
+    # fit (block: nothing lost; drop_oldest: the newest kept; disconnect: closed after what fit).
+    with Bus() as pub, Bus() as sub:
+        seen: list[int] = []
+        done = threading.Event()
+
+        def handler(data: Any) -> None:
+            seen.append(data)
+            if data == 199:
+                done.set()
+
+        sub.on("n.*", handler)
+        every = sub.subscribe("n.*", timeout=10, maxsize=50, policy="block")
+        odd = sub.subscribe("n.odd", timeout=10)
+        newest = sub.subscribe("n.*", timeout=10, maxsize=10, policy="drop_oldest")
+        cut = sub.subscribe("n.*", timeout=10, maxsize=30, policy="disconnect")
+        pub.emit("n.even", -1)  # confirmed: every subscription is registered at the broker
+        assert every.get(10).data == -1 and newest.get(10).data == -1 and cut.get(10).data == -1
+        pub.emit_many([(f"n.{'odd' if i % 2 else 'even'}", i) for i in range(200)])
+        assert [every.get(10).data for _ in range(200)] == list(range(200))
+        assert [odd.get(10).data for _ in range(100)] == list(range(1, 200, 2))
+        assert done.wait(10) and seen == [-1, *range(200)]
+        assert [newest.get(10).data for _ in range(10)] == list(range(190, 200))
+        assert newest.stats()["dropped"] == 190
+        got = []
+        with pytest.raises(procwire.ConnectionClosed):
+            for _ in range(201):
+                got.append(cut.get(10).data)
+        assert got == list(range(30))
+
+
 RESPONDER = r"""
 import sys, time
 from procwire.bus import Bus

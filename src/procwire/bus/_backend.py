@@ -35,6 +35,10 @@ class Sink(Protocol):
 
     def on_event(self, name: str, data: Any) -> None: ...
 
+    def on_events(self, items: list[Any]) -> None:
+        """Several ``(name, data)`` pairs that arrived together, in order (cheaper than
+        ``on_event`` for each)."""
+
     def on_request(self, name: str, request: dict[str, Any]) -> None:
         """``request`` has ``id`` (str), ``reply_to`` (str) and ``data``."""
 

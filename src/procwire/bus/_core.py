@@ -161,6 +161,41 @@ class Subscription:
             assert self._dispatcher is not None
             self._dispatcher.enqueue(self)
 
+    def _put_many(self, items: list[Any]) -> None:
+        """``_put`` for a batch, in order: one lock and one wake-up when it all fits (the
+        common case of a burst); item by item, with the policy, when it does not."""
+        wake = False
+        waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        with self._lock:
+            if self._closed:
+                return
+            buf = self._buf
+            if len(buf) + len(items) > self.maxsize:
+                fits = False
+            else:
+                fits = True
+                buf.extend(items)
+                self.received += len(items)
+                if self._dispatcher is not None and not self._scheduled:
+                    self._scheduled = True
+                    wake = True
+                if self._getters:
+                    self._not_empty.notify(len(items))
+                if self._async_waiters:
+                    waiters, self._async_waiters = self._async_waiters, []
+        if not fits:
+            for item in items:
+                self._put(item)
+            return
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_wake_future, fut)
+            except RuntimeError:  # that loop is closed: nobody waits any more
+                pass
+        if wake:
+            assert self._dispatcher is not None
+            self._dispatcher.enqueue(self)
+
     def _consumer_ident(self) -> int:
         return self._dispatcher.ident if self._dispatcher is not None else 0
 
@@ -492,6 +527,32 @@ class BusCore:
             event = Event(name, data)
             for sub in routes:
                 sub._put(event)
+
+    def on_events(self, items: list[Any]) -> None:
+        """A batch of ``(name, data)`` pairs, in order: each subscription gets its share in
+        one ``_put_many`` (one lock and one wake-up per batch instead of per event)."""
+        self.received += len(items)
+        if len(items) == 1:
+            name, data = items[0]
+            self.received -= 1
+            self.on_event(name, data)
+            return
+        shares: dict[Subscription, list[Event]] = {}
+        routes_of = self._routes.get
+        for name, data in items:
+            routes = routes_of(name)
+            if routes is None:
+                routes = self._route(name)
+            if routes:
+                event = Event(name, data)
+                for sub in routes:
+                    share = shares.get(sub)
+                    if share is None:
+                        shares[sub] = [event]
+                    else:
+                        share.append(event)
+        for sub, share in shares.items():
+            sub._put_many(share)
 
     def on_request(self, name: str, request: dict[str, Any]) -> None:
         sub = self._responders.get(name)

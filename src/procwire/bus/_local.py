@@ -336,8 +336,7 @@ class LocalBackend(Backend):
                     self.bad_frames += 1
                     continue
                 self.events_received += len(body)
-                for item in body:  # the broker checked them: [str, data] pairs
-                    sink.on_event(item[0], item[1])
+                sink.on_events(body)  # the broker checked them: [str, data] pairs
             elif kind == "ok" or kind == "err":
                 slot = pending.pop(f.seq, None)
                 if slot is not None:
