@@ -2,12 +2,16 @@
 """Queue benchmark: procwire's SQLite and Redis queues against huey (SqliteHuey and RedisHuey
 storage), RQ (SimpleWorker) and persist-queue (SQLiteAckQueue), when those are installed.
 
-    python benchmarks/queues.py [--quick] [--single N] [--batched N] [--json out.json]
+    python benchmarks/queues.py [--quick] [--rounds 3] [--single N] [--batched N]
+                               [--only sqlite|redis] [--match TEXT] [--json out.json]
                                [--redis redis://127.0.0.1:6379/0 | --no-redis]
 
 Jobs/s for put and for get+ack, one at a time and in batches of 100, with 1 and 4 consumer
 processes. Each case runs in a fresh database file in a temporary folder on the same disk as
-the system's temp dir. Prints a markdown table; see benchmarks/queue.md for results.
+the system's temp dir. Every case runs ``--rounds`` times, interleaved (all cases, then all
+again), so a noisy minute hits all of them; the table gives the median and [min-max] of the
+rounds, and the ratios to the comparisons are taken within each round. Prints markdown;
+see benchmarks/queue.md for results.
 Comparisons: ``pip install huey persist-queue rq`` (not dependencies of procwire).
 Redis cases start a private ``redis-server`` (no persistence) on a free loopback port unless
 ``--redis URL`` names one (its database is FLUSHed before each case).
@@ -234,13 +238,29 @@ def _rq_consumer(url: str, batch: int, mode: str, barrier: Any, conn: Any) -> No
     from rq import Queue as RQueue
     from rq import SimpleWorker
 
+    class TimedWorker(SimpleWorker):
+        # Without RQ's command channel (a pub/sub thread for remote kill/shutdown commands,
+        # nothing to do with jobs): with redis-py 8, stopping that thread on the way out
+        # hangs for a minute. The run ends at the last job's success.
+        last_done = 0.0
+
+        def subscribe(self) -> None:
+            pass
+
+        def unsubscribe(self) -> None:
+            pass
+
+        def handle_job_success(self, *args: Any, **kwargs: Any) -> None:
+            super().handle_job_success(*args, **kwargs)
+            self.last_done = time.time()
+
     r = redis.Redis.from_url(url)
     q = RQueue("bench", connection=r)
-    w = SimpleWorker([q], connection=r)
+    w = TimedWorker([q], connection=r)
     barrier.wait()
     t0 = time.time()
     w.work(burst=True, logging_level="ERROR")
-    conn.send((t0, time.time(), 0))  # its counts live in Redis: checked after the run
+    conn.send((t0, w.last_done or time.time(), 0))  # its counts live in Redis: checked after
 
 
 def rq_get_ack(url: str, n: int, batch: int, procs: int) -> float:
@@ -292,124 +312,217 @@ def huey_redis_get(url: str, n: int, batch: int, procs: int) -> float:
 
 # -- runner -------------------------------------------------------------------------------------
 
-def redis_cases(case: Callable[..., None], url: str | None, single: int, batched: int) -> None:
-    import redis
+class Case:
+    """One row of the table: ``fn(path)`` runs it once and returns seconds for ``n`` jobs."""
 
-    server = None
-    if url is None:
-        try:
-            server = _RedisServer()
-        except RuntimeError as exc:
-            print(f"skip Redis: {exc}", file=sys.stderr)
-            return
-        url = server.url
-    client = redis.Redis.from_url(url)
+    def __init__(self, system: str, op: str, batch: int, procs: int, n: int,
+                 fn: Callable[[str], float], note: str = "", redis: bool = False) -> None:
+        self.system, self.op, self.batch, self.procs, self.n = system, op, batch, procs, n
+        self.fn, self.note, self.redis = fn, note, redis
+        self.rates: list[float] = []
 
-    def rcase(system: str, op: str, batch: int, procs: int, n: int,
-              fn: Callable[[str], float], note: str = "") -> None:
-        client.flushdb()
-        assert url is not None
-        case(system, op, batch, procs, n, lambda _p: fn(url), note)
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        return (self.system, self.op, self.batch, self.procs)
 
-    try:
-        label = "procwire redis"
-        rcase(label, "put", 1, 1, single, lambda u: pw_put(u, single, 1))
-        rcase(label, "put", 100, 1, batched, lambda u: pw_put(u, batched, 100))
-        for procs in (1, 4):
-            rcase(label, "get+ack", 1, procs, single,
-                  lambda u, k=procs: pw_get_ack(u, single, 1, k))
-            rcase(label, "get+ack", 100, procs, batched,
-                  lambda u, k=procs: pw_get_ack(u, batched, 100, k))
-        rcase(label, "process", 1, 1, single,
-              lambda u: pw_get_ack(u, single, 1, 1, "process"),
-              "q.process(): the ack rides on the next get's script")
-        rcase("RQ", "put", 1, 1, single, lambda u: rq_put(u, single, 1))
-        rcase("RQ", "put", 100, 1, single, lambda u: rq_put(u, single, 100), "enqueue_many")
-        for procs in (1, 4):
-            rcase("RQ SimpleWorker", "get+ack", 1, procs, single,
-                  lambda u, k=procs: rq_get_ack(u, single, 1, k), "work(burst=True)")
-        rcase("huey RedisStorage", "put", 1, 1, single, lambda u: huey_redis_put(u, single, 1))
-        for procs in (1, 4):
-            rcase("huey RedisStorage", "get", 1, procs, single,
-                  lambda u, k=procs: huey_redis_get(u, single, 1, k), "dequeue: no ack")
-    finally:
-        client.close()
-        if server is not None:
-            server.close()
+
+def sqlite_cases(single: int, batched: int) -> list[Case]:
+    """The SQLite rows, each comparison next to the procwire row it is compared with (the
+    disk's fsync time drifts within minutes)."""
+    full, normal = "sqlite:///{}", "sqlite:///{}?synchronous=normal"
+    no_ack = "dequeue deletes: no lease, no ack"
+
+    def pw(label: str, tmpl: str, op: str, batch: int, procs: int, note: str = "") -> Case:
+        n = single if batch == 1 else batched
+        if op == "put":
+            return Case(label, op, batch, procs, n,
+                        lambda p: pw_put(tmpl.format(p), n, batch))
+        mode = "process" if op == "process" else "loop"
+        return Case(label, op, batch, procs, n,
+                    lambda p: pw_get_ack(tmpl.format(p), n, batch, procs, mode), note)
+
+    proc_note = "q.process(): the ack rides on the next get's commit"
+    cases = [
+        pw("procwire sqlite FULL", full, "put", 1, 1),
+        Case("persist-queue SQLiteAckQueue", "put", 1, 1, single,
+             lambda p: pq_put(p, single, 1)),
+        Case("huey SqliteStorage", "put", 1, 1, single, lambda p: huey_put(p, single, 1)),
+        pw("procwire sqlite FULL", full, "get+ack", 1, 1),
+        pw("procwire sqlite FULL", full, "process", 1, 1, proc_note),
+        Case("persist-queue SQLiteAckQueue", "get+ack", 1, 1, single,
+             lambda p: pq_get_ack(p, single, 1, 1)),
+        Case("huey SqliteStorage", "get (no ack)", 1, 1, single,
+             lambda p: huey_get(p, single, 1, 1), no_ack),
+        pw("procwire sqlite FULL", full, "get+ack", 1, 4),
+        Case("huey SqliteStorage", "get (no ack)", 1, 4, single,
+             lambda p: huey_get(p, single, 1, 4), no_ack),
+        pw("procwire sqlite FULL", full, "put", 100, 1),
+        pw("procwire sqlite FULL", full, "get+ack", 100, 1),
+        pw("procwire sqlite FULL", full, "get+ack", 100, 4),
+    ]
+    for op, batch, procs in (("put", 1, 1), ("put", 100, 1), ("get+ack", 1, 1),
+                             ("get+ack", 100, 1), ("get+ack", 1, 4), ("get+ack", 100, 4),
+                             ("process", 1, 1)):
+        cases.append(pw("procwire sqlite NORMAL", normal, op, batch, procs,
+                        proc_note if op == "process" else ""))
+    return cases
+
+
+def redis_case_list(url: str, single: int, batched: int, rq_jobs: int) -> list[Case]:
+    def c(system: str, op: str, batch: int, procs: int, n: int, fn: Callable[[str], float],
+          note: str = "") -> Case:
+        return Case(system, op, batch, procs, n, lambda _p: fn(url), note, redis=True)
+
+    label = "procwire redis"
+    rq_note = "work(burst=True), worker start-up included"
+    no_ack = "dequeue is an RPOP: no lease, no ack"
+    cases = [c(label, "put", 1, 1, single, lambda u: pw_put(u, single, 1)),
+             c("RQ", "put", 1, 1, single, lambda u: rq_put(u, single, 1)),
+             c("huey RedisStorage", "put", 1, 1, single, lambda u: huey_redis_put(u, single, 1)),
+             c(label, "put", 100, 1, batched, lambda u: pw_put(u, batched, 100)),
+             c("RQ", "put", 100, 1, single, lambda u: rq_put(u, single, 100), "enqueue_many")]
+    for procs in (1, 4):
+        cases += [
+            c(label, "get+ack", 1, procs, single,
+              lambda u, k=procs: pw_get_ack(u, single, 1, k)),
+            c("RQ SimpleWorker", "get+ack", 1, procs, rq_jobs,
+              lambda u, k=procs: rq_get_ack(u, rq_jobs, 1, k), rq_note),
+            c("huey RedisStorage", "get (no ack)", 1, procs, single,
+              lambda u, k=procs: huey_redis_get(u, single, 1, k), no_ack),
+            c(label, "get+ack", 100, procs, batched,
+              lambda u, k=procs: pw_get_ack(u, batched, 100, k))]
+    cases.append(c(label, "process", 1, 1, single,
+                   lambda u: pw_get_ack(u, single, 1, 1, "process"),
+                   "q.process(): the ack rides on the next get's script"))
+    return cases
+
+
+# (procwire row, comparison row): their jobs/s ratio is taken within each round.
+RATIOS = [
+    (("procwire sqlite FULL", "put", 1, 1), ("persist-queue SQLiteAckQueue", "put", 1, 1)),
+    (("procwire sqlite FULL", "get+ack", 1, 1),
+     ("persist-queue SQLiteAckQueue", "get+ack", 1, 1)),
+    (("procwire sqlite FULL", "process", 1, 1),
+     ("persist-queue SQLiteAckQueue", "get+ack", 1, 1)),
+    (("procwire sqlite FULL", "put", 1, 1), ("huey SqliteStorage", "put", 1, 1)),
+    (("procwire sqlite FULL", "get+ack", 1, 1), ("huey SqliteStorage", "get (no ack)", 1, 1)),
+    (("procwire sqlite FULL", "get+ack", 100, 1), ("huey SqliteStorage", "get (no ack)", 1, 1)),
+    (("procwire sqlite FULL", "get+ack", 100, 4), ("huey SqliteStorage", "get (no ack)", 1, 4)),
+    (("procwire redis", "put", 1, 1), ("RQ", "put", 1, 1)),
+    (("procwire redis", "get+ack", 1, 1), ("RQ SimpleWorker", "get+ack", 1, 1)),
+    (("procwire redis", "get+ack", 1, 4), ("RQ SimpleWorker", "get+ack", 1, 4)),
+    (("procwire redis", "get+ack", 1, 1), ("huey RedisStorage", "get (no ack)", 1, 1)),
+    (("procwire redis", "get+ack", 1, 4), ("huey RedisStorage", "get (no ack)", 1, 4)),
+]
+
+
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    mid = len(ys) // 2
+    return ys[mid] if len(ys) % 2 else (ys[mid - 1] + ys[mid]) / 2
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--single", type=int, default=3000, help="jobs for one-at-a-time cases")
     ap.add_argument("--batched", type=int, default=50_000, help="jobs for batched cases")
-    ap.add_argument("--quick", action="store_true", help="10x fewer jobs")
+    ap.add_argument("--rq-jobs", type=int, default=1000,
+                    help="jobs for RQ's workers (about 100/s each: kept short)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="runs of every case, interleaved (case A, B, ... then again)")
+    ap.add_argument("--quick", action="store_true", help="10x fewer jobs, one round")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--redis", help="use this Redis (FLUSHDB before each case) instead of a "
                     "private redis-server")
     ap.add_argument("--no-redis", action="store_true", help="skip the Redis cases")
     ap.add_argument("--only", choices=("sqlite", "redis"), help="run one store's cases")
+    ap.add_argument("--match", help="run only the rows whose system contains this text")
     args = ap.parse_args()
-    single, batched = args.single, args.batched
+    single, batched, rq_jobs, rounds = args.single, args.batched, args.rq_jobs, args.rounds
     if args.quick:
-        single, batched = single // 10, batched // 10
+        single, batched, rq_jobs, rounds = single // 10, batched // 10, rq_jobs // 10, 1
 
-    rows: list[dict[str, Any]] = []
-
-    def case(system: str, op: str, batch: int, procs: int, n: int,
-             fn: Callable[[str], float], note: str = "") -> None:
-        with tempfile.TemporaryDirectory(prefix="pw-qbench-") as d:
-            path = os.path.join(d, "q.db")
-            try:
-                secs = fn(path)
-            except ImportError as exc:
-                print(f"skip {system}: {exc}", file=sys.stderr)
-                return
-        rate = n / secs
-        rows.append({"system": system, "op": op, "batch": batch, "procs": procs, "jobs": n,
-                     "seconds": round(secs, 4), "jobs_per_s": round(rate), "note": note})
-        print(f"{system:28} {op:8} batch={batch:<4} procs={procs} {rate:>10,.0f} jobs/s",
-              file=sys.stderr)
-
-    full = "sqlite:///{}"
-    normal = "sqlite:///{}?synchronous=normal"
-    sqlite_stores = [] if args.only == "redis" else [("procwire sqlite FULL", full),
-                                                     ("procwire sqlite NORMAL", normal)]
-    for label, tmpl in sqlite_stores:
-        case(label, "put", 1, 1, single, lambda p, t=tmpl: pw_put(t.format(p), single, 1))
-        case(label, "put", 100, 1, batched,
-             lambda p, t=tmpl: pw_put(t.format(p), batched, 100))
-        for procs in (1, 4):
-            case(label, "get+ack", 1, procs, single,
-                 lambda p, t=tmpl, k=procs: pw_get_ack(t.format(p), single, 1, k))
-            case(label, "get+ack", 100, procs, batched,
-                 lambda p, t=tmpl, k=procs: pw_get_ack(t.format(p), batched, 100, k))
-        case(label, "process", 1, 1, single,
-             lambda p, t=tmpl: pw_get_ack(t.format(p), single, 1, 1, "process"),
-             "q.process(): the ack rides on the next get's commit")
-    if args.only != "redis":
-        case("huey SqliteStorage", "put", 1, 1, single, lambda p: huey_put(p, single, 1))
-        for procs in (1, 4):
-            case("huey SqliteStorage", "get", 1, procs, single,
-                 lambda p, k=procs: huey_get(p, single, 1, k), "dequeue deletes: no ack")
-        case("persist-queue SQLiteAckQueue", "put", 1, 1, single,
-             lambda p: pq_put(p, single, 1))
-        case("persist-queue SQLiteAckQueue", "get+ack", 1, 1, single,
-             lambda p: pq_get_ack(p, single, 1, 1))
+    cases: list[Case] = [] if args.only == "redis" else sqlite_cases(single, batched)
+    server: _RedisServer | None = None
+    client: Any = None
+    url = args.redis
     if not args.no_redis and args.only != "sqlite":
-        redis_cases(case, args.redis, single, batched)
+        import redis
 
-    import redis
+        if url is None:
+            try:
+                server = _RedisServer()
+                url = server.url
+            except RuntimeError as exc:
+                print(f"skip Redis: {exc}", file=sys.stderr)
+        if url is not None:
+            client = redis.Redis.from_url(url)
+            cases += redis_case_list(url, single, batched, rq_jobs)
+    if args.match:
+        cases = [c for c in cases if args.match in c.system]
 
-    print(f"\nredis-py {redis.__version__}", file=sys.stderr)
-    print(f"\n{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()},"
-          f" SQLite {sqlite3.sqlite_version}\n")
-    print("| system | op | batch | consumer procs | jobs/s | note |")
-    print("|---|---|---:|---:|---:|---|")
-    for r in rows:
-        print(f"| {r['system']} | {r['op']} | {r['batch']} | {r['procs']} |"
-              f" {r['jobs_per_s']:,} | {r['note']} |")
+    skipped: set[str] = set()
+    try:
+        for r in range(rounds):
+            for c in cases:
+                if c.system in skipped:
+                    continue
+                if c.redis:
+                    client.flushdb()
+                with tempfile.TemporaryDirectory(prefix="pw-qbench-") as d:
+                    try:
+                        secs = c.fn(os.path.join(d, "q.db"))
+                    except ImportError as exc:
+                        print(f"skip {c.system}: {exc}", file=sys.stderr)
+                        skipped.add(c.system)
+                        continue
+                c.rates.append(c.n / secs)
+                print(f"round {r + 1}: {c.system:28} {c.op:12} batch={c.batch:<4}"
+                      f" procs={c.procs} {c.n / secs:>10,.0f} jobs/s", file=sys.stderr)
+    finally:
+        if client is not None:
+            client.close()
+        if server is not None:
+            server.close()
+
+    done = [c for c in cases if c.rates]
+    by_key = {c.key: c for c in done}
+    versions = []
+    for mod, dist in (("redis", "redis"), ("huey", "huey"), ("rq", "rq"),
+                      ("persistqueue", "persist-queue")):
+        try:
+            from importlib.metadata import version
+
+            __import__(mod)
+            versions.append(f"{dist} {version(dist)}")
+        except ImportError:
+            pass
+    print(f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()},"
+          f" SQLite {sqlite3.sqlite_version}; {', '.join(versions)}; {rounds} round(s)\n")
+    print("| system | op | batch | consumer procs | jobs | jobs/s (median) | [min-max] | note |")
+    print("|---|---|---:|---:|---:|---:|---|---|")
+    for c in done:
+        print(f"| {c.system} | {c.op} | {c.batch} | {c.procs} | {c.n:,} |"
+              f" {_median(c.rates):,.0f} | [{min(c.rates):,.0f}-{max(c.rates):,.0f}] |"
+              f" {c.note} |")
+    ratio_rows = []
+    for a, b in RATIOS:
+        ca, cb = by_key.get(a), by_key.get(b)
+        if ca is None or cb is None:
+            continue
+        ratios = [x / y for x, y in zip(ca.rates, cb.rates, strict=False)]
+        ratio_rows.append((a, b, ratios))
+    if ratio_rows:
+        print("\n| procwire | vs | ratio (median of rounds) | [min-max] |")
+        print("|---|---|---:|---|")
+        for a, b, ratios in ratio_rows:
+            print(f"| {a[0]} {a[1]} batch={a[2]} procs={a[3]} | {b[0]} {b[1]} procs={b[3]} |"
+                  f" {_median(ratios):.2f}x | [{min(ratios):.2f}-{max(ratios):.2f}] |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(
+            [{"system": c.system, "op": c.op, "batch": c.batch, "procs": c.procs, "jobs": c.n,
+              "jobs_per_s": [round(x) for x in c.rates], "note": c.note} for c in done],
+            indent=1))
     return 0
 
 

@@ -62,3 +62,18 @@ def test_dead_and_requeue(tmp_path: Path) -> None:
     assert "broken" in qcli(tmp_path, "dead", "d").stdout
     assert qcli(tmp_path, "requeue", "d").stdout.strip() == "1"
     assert json.loads(qcli(tmp_path, "get", "d").stdout)["data"] == {"x": 1}
+
+
+def test_work_progress_line(tmp_path: Path) -> None:
+    (tmp_path / "slowjobs.py").write_text("import time\n"
+                                          "def handle(data):\n"
+                                          "    time.sleep(0.1)\n")
+    assert qcli(tmp_path, "put", "w", input="1\n2\n3\n4\n5\n6\n").returncode == 0
+    out = qcli(tmp_path, "work", "w", "slowjobs:handle", "--max-jobs", "6")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"acked": 6, "failed": 0, "lost": 0}
+    # (text mode turns the "\r" that rewrites the line into a line break)
+    lines = [part.strip() for part in out.stderr.splitlines() if part.strip()]
+    assert len(lines) >= 2  # updated while it ran (at most 4 times a second), then the tally
+    assert lines[0].startswith("w: 1 done, 0 failed, 0 lost (")
+    assert lines[-1].startswith("w: 6 done, 0 failed, 0 lost (") and lines[-1].endswith("/s)")

@@ -90,9 +90,9 @@ class _Consumers:
 def test_consumers_killed_lose_nothing(children: Any, redis_server: Any,
                                        tmp_path: Path) -> None:
     url = redis_server.url
-    n = 2000
+    n = 5000  # the run: 4 consumers, 5,000 jobs, one SIGKILLed every second
     with Queue("crash", url) as q:
-        q.put_many({"b": 0, "i": i, "work": 0.004} for i in range(n))
+        q.put_many({"b": 0, "i": i, "work": 0.003} for i in range(n))
     cs = _Consumers(children, tmp_path, url, lease=0.8)
     killed: set[int] = set()
     deadline = time.monotonic() + 25
@@ -101,8 +101,8 @@ def test_consumers_killed_lose_nothing(children: Any, redis_server: Any,
     for k in list(cs.procs):
         _wait_started(cs.logs[k], deadline)
     with Queue("crash", url) as q:
-        while len(killed) < 4 and time.monotonic() < deadline:
-            time.sleep(0.4)
+        while len(killed) < 6 and time.monotonic() < deadline:
+            time.sleep(1.0)
             if q.stats().ready == 0:
                 break
             started = [k for k in cs.procs if k not in killed and cs.logs[k].exists()]

@@ -176,3 +176,64 @@ def test_many_processes_share_one_file(children, tmp_path: Path) -> None:
         assert mine == sorted(mine)
 
 
+
+
+def test_fsynced_commits_under_full(tmp_path: Path) -> None:
+    # Under synchronous=FULL every commit that stores or removes a job (put, ack, nack, fail,
+    # requeue) is fsynced; a claim without acks and a lease renewal are not (a lease only
+    # matters while its holder lives). Which level was in force at each COMMIT is read from
+    # SQLite's statement trace of this thread's connection.
+    with Queue("x", f"sqlite:///{tmp_path}/q.db", backoff=0) as q:
+        q.stats()
+        conn = q.backend._conn(5)  # type: ignore[attr-defined]
+        trace: list[str] = []
+        conn.set_trace_callback(trace.append)
+        try:
+            q.put_many([1, 2, 3])
+            jobs = q.get_many(2, timeout=0)
+            jobs[0].extend(10)
+            q.ack_many(jobs)
+            job = q.get(timeout=0)
+            assert job is not None
+            job.nack()
+            job = q.get(timeout=0)
+            assert job is not None
+            job.fail("no")
+            q.requeue_dead()
+            job = q.get(timeout=0)
+            assert job is not None
+            q.put(4)
+            # What process() does: the ack rides on the next claim (this thread's connection).
+            res = q.backend.claim(1, 30, 7, 5, ack=[(job.id, job._token)])  # type: ignore
+            assert res.lost == [] and len(res.jobs) == 1
+        finally:
+            conn.set_trace_callback(None)
+    kinds = {  # statement text -> what it does
+        "UPDATE procwire_jobs SET state = 2, token =": "claim",
+        "UPDATE procwire_jobs SET state = 2, visible_at =": "extend",
+        "INSERT INTO procwire_jobs": "put",
+        "DELETE FROM procwire_jobs WHERE id IN": "ack",
+        "UPDATE procwire_jobs SET token = NULL, error =": "nack",
+        "UPDATE procwire_jobs SET state = 3, token = NULL, error =": "fail",
+        "UPDATE procwire_jobs SET state = 0, attempts = 0": "requeue",
+    }
+    level, txn, commits = "FULL", set(), []
+    for sql in trace:
+        if sql.startswith("PRAGMA synchronous"):
+            level = sql.split("=")[1].strip()
+        elif sql == "COMMIT":
+            commits.append((level, frozenset(txn)))
+            txn = set()
+        else:
+            norm = " ".join(sql.split())
+            txn.update(kind for start, kind in kinds.items() if norm.startswith(start))
+    seen = set()
+    for lvl, what in commits:
+        if what and what <= {"claim", "extend"}:
+            assert lvl == "NORMAL", (lvl, what)
+        elif what:
+            assert lvl == "FULL", (lvl, what)
+        seen.add(what)
+    assert {frozenset({"claim"}), frozenset({"extend"}), frozenset({"put"}),
+            frozenset({"ack"}), frozenset({"nack"}), frozenset({"fail"}),
+            frozenset({"requeue"}), frozenset({"ack", "claim"})} <= seen, seen

@@ -213,16 +213,19 @@ def work(name: Annotated[str, typer.Argument(help="Queue name.")],
     lock = threading.Lock()
     err = sys.stderr
 
+    def show(r: Any, now: float) -> None:
+        rate = r.acked / max(now - start, 1e-9)
+        err.write(f"\r{name}: {r.acked} done, {r.failed} failed, {r.lost} lost"
+                  f" ({rate:,.0f}/s)   ")
+        err.flush()
+
     def progress(r: Any) -> None:
         now = time.monotonic()
         with lock:
             if now - last[0] < 0.25:
                 return
             last[0] = now
-        rate = r.acked / max(now - start, 1e-9)
-        err.write(f"\r{name}: {r.acked} done, {r.failed} failed, {r.lost} lost"
-                  f" ({rate:,.0f}/s)   ")
-        err.flush()
+            show(r, now)
 
     with _queue(name, url, lease=lease) as q:
         try:
@@ -235,5 +238,6 @@ def work(name: Annotated[str, typer.Argument(help="Queue name.")],
         except ProcwireError as exc:
             raise _fail("work", exc) from exc
     if not quiet:
+        show(result, time.monotonic())  # the final tally (the last line shown may be older)
         err.write("\n")
     typer.echo(_dump({"acked": result.acked, "failed": result.failed, "lost": result.lost}))
