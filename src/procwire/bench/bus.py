@@ -27,12 +27,13 @@ apart, each carrying the publisher's CLOCK_MONOTONIC; p50/p99 over every subscri
     procwire bench bus --quick        # 1 repetition, smaller N (~1 min)
     procwire bench bus --only raw_redis --only procwire_many --subs 1 --subs 4
 
-(``python benchmarks/bus.py`` in a checkout takes the same options, ``--only``/``--subs`` with
-several values each.) The benchmark starts its own ``redis-server`` (which must be on ``PATH``)
-on a free loopback port and its own local broker. The Node row needs Node (``PROCWIRE_BENCH_NODE``
-or ``node`` on ``PATH``) and the npm package ``ioredis``, looked up in the ``node_modules``
-folder named by ``PROCWIRE_BENCH_NODE_MODULES``, else in a checkout's
-``tests/node/node_modules``; without them that row is reported as an error with the hint.
+(``python benchmarks/bus.py`` in a checkout takes the same options; ``--only`` and ``--subs``
+also take several values each.) The benchmark starts its own ``redis-server`` (which must be on
+``PATH``) on a free loopback port and its own local broker. The Node row needs Node
+(``PROCWIRE_BENCH_NODE`` or ``node`` on ``PATH``) and the npm package ``ioredis``, looked up in
+the ``node_modules`` folder named by ``PROCWIRE_BENCH_NODE_MODULES`` when set, else in a
+checkout's ``tests/node/node_modules``; without them that row is reported as an error with the
+install hint.
 
 Every child process is killed and reaped at the end of its measurement, also on errors.
 """
@@ -238,18 +239,17 @@ class SetupError(RuntimeError):
 
 
 def node_modules() -> Path | None:
-    """The ``node_modules`` folder holding ``ioredis``: ``PROCWIRE_BENCH_NODE_MODULES``, else a
-    checkout's ``tests/node/node_modules``; None when neither has it."""
+    """The ``node_modules`` folder holding ``ioredis``: ``PROCWIRE_BENCH_NODE_MODULES`` when set
+    (and then only it), else a checkout's ``tests/node/node_modules``; None when it lacks
+    ``ioredis``."""
     env = os.environ.get("PROCWIRE_BENCH_NODE_MODULES")
-    for folder in ([Path(env)] if env else []) + [_CHECKOUT_NODE_MODULES]:
-        if (folder / "ioredis").is_dir():
-            return folder
-    return None
+    folder = Path(env) if env else _CHECKOUT_NODE_MODULES
+    return folder if (folder / "ioredis").is_dir() else None
 
 
 def node_binary() -> str | None:
     """``PROCWIRE_BENCH_NODE``, else ``node`` on ``PATH``."""
-    return os.environ.get("PROCWIRE_BENCH_NODE") or shutil.which("node")
+    return shutil.which(os.environ.get("PROCWIRE_BENCH_NODE") or "node")
 
 
 def free_port() -> int:
@@ -427,13 +427,14 @@ def main(argv: Sequence[str] | None = None, default_json: Path | None = None,
     ap = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 repetition, smaller N")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
-    ap.add_argument("--only", nargs="*", default=None, choices=METHODS, metavar="NAME",
-                    help="methods to run: " + ", ".join(METHODS))
-    ap.add_argument("--subs", nargs="*", type=int, default=[1, 4, 16],
+    ap.add_argument("--only", nargs="+", action="extend", default=None, choices=METHODS,
+                    metavar="NAME", help="methods to run: " + ", ".join(METHODS))
+    ap.add_argument("--subs", nargs="+", action="extend", type=int, default=None,
                     help="subscriber counts (default 1 4 16)")
     ap.add_argument("--json", type=Path, default=default_json,
                     help="write every measurement here")
     args = ap.parse_args(argv)
+    args.subs = args.subs or [1, 4, 16]
     reps = args.reps or (1 if args.quick else 3)
     methods = [m for m in METHODS if not args.only or m in args.only]
     rows: list[dict[str, Any]] = []
@@ -480,7 +481,7 @@ def main(argv: Sequence[str] | None = None, default_json: Path | None = None,
                     print(f"  failed: {exc!r}", file=sys.stderr)
                 r["rep"] = rep
                 rows.append(r)
-            for subs in args.subs:
+            for subs in args.subs if methods else []:
                 for mode in ("tput", "lat"):
                     order = methods[rep % len(methods):] + methods[:rep % len(methods)]
                     for method in order:
