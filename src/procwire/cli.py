@@ -152,21 +152,20 @@ bench_app = typer.Typer(
     "name: the channel suite (procwire bench --quick). Suites: channels, children, bus "
     "(benchmarks/README.md).")
 
-_QUICK = "Fewer messages, 1 repetition."
-_REPS = "Repetitions (default 3; 1 with --quick)."
-_JSON = "Write every measurement here as JSON."
+# The options every suite shares, and the channel suite's, declared once (typer reads the
+# Annotated metadata of each command's parameters).
+_Quick = Annotated[bool, typer.Option("--quick", help="Fewer messages, 1 repetition.")]
+_Reps = Annotated[int | None, typer.Option(help="Repetitions (default 3; 1 with --quick).")]
+_Json = Annotated[str | None, typer.Option("--json", help="Write every measurement here as JSON.")]
+_ChannelOnly = Annotated[list[str] | None, typer.Option(
+    "--only", help="Glob of a method or test to run (repeatable), e.g. 'procwire_*'.")]
+_Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress lines.")]
 
 
 @bench_app.callback()
 def _bench(ctx: typer.Context,
-           quick: Annotated[bool, typer.Option("--quick", help=_QUICK)] = False,
-           reps: Annotated[int | None, typer.Option(help=_REPS)] = None,
-           json_path: Annotated[str | None, typer.Option("--json", help=_JSON)] = None,
-           only: Annotated[list[str] | None, typer.Option(
-               "--only", help="Glob of a method or test to run (repeatable), e.g. "
-               "'procwire_*'.")] = None,
-           quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress lines.")]
-           = False) -> None:
+           quick: _Quick = False, reps: _Reps = None, json_path: _Json = None,
+           only: _ChannelOnly = None, quiet: _Quiet = False) -> None:
     """Measure procwire against the usual alternatives in one run and print the tables and
     ratios. Without a suite name, runs the channel suite with these options."""
     if ctx.invoked_subcommand is not None:
@@ -203,14 +202,8 @@ def _run_channels(quick: bool, reps: int | None, json_path: str | None,
 
 @bench_app.command("channels")
 def _bench_channels(
-        quick: Annotated[bool, typer.Option("--quick", help=_QUICK)] = False,
-        reps: Annotated[int | None, typer.Option(help=_REPS)] = None,
-        json_path: Annotated[str | None, typer.Option("--json", help=_JSON)] = None,
-        only: Annotated[list[str] | None, typer.Option(
-            "--only", help="Glob of a method or test to run (repeatable), e.g. "
-            "'procwire_*'.")] = None,
-        quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress lines.")]
-        = False) -> None:
+        quick: _Quick = False, reps: _Reps = None, json_path: _Json = None,
+        only: _ChannelOnly = None, quiet: _Quiet = False) -> None:
     """Channels (unix, tcp, tls, udp) against raw sockets, pipes, multiprocessing, pyzmq and
     Node fork() IPC (the default suite)."""
     _run_channels(quick, reps, json_path, only, quiet)
@@ -218,9 +211,7 @@ def _bench_channels(
 
 @bench_app.command("children")
 def _bench_children(
-        quick: Annotated[bool, typer.Option("--quick", help=_QUICK)] = False,
-        reps: Annotated[int | None, typer.Option(help=_REPS)] = None,
-        json_path: Annotated[str | None, typer.Option("--json", help=_JSON)] = None,
+        quick: _Quick = False, reps: _Reps = None, json_path: _Json = None,
         only: Annotated[list[str] | None, typer.Option(
             "--only", help="Run only this method (repeatable): 'procwire py<->py', "
             "'mp.Pipe', 'node fork', 'procwire py<->node', 'raw socket py<->py', "
@@ -243,9 +234,7 @@ def _bench_children(
 
 @bench_app.command("bus")
 def _bench_bus(
-        quick: Annotated[bool, typer.Option("--quick", help=_QUICK)] = False,
-        reps: Annotated[int | None, typer.Option(help=_REPS)] = None,
-        json_path: Annotated[str | None, typer.Option("--json", help=_JSON)] = None,
+        quick: _Quick = False, reps: _Reps = None, json_path: _Json = None,
         only: Annotated[list[str] | None, typer.Option(
             "--only", help="Run only this method (repeatable): raw_redis, procwire_many, "
             "procwire_emit, broker_many, broker_emit, node_ioredis.")] = None,
