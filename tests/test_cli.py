@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import procwire
@@ -104,3 +106,89 @@ def test_bench_runs_a_small_comparison(tmp_path: Path) -> None:
     data = json.loads(out_file.read_text())
     rows = data["measurements"] if isinstance(data, dict) else data
     assert rows, data
+
+
+def _marked(marker: str) -> list[str]:
+    """Live processes whose environment carries ``PW_BENCH_TEST_MARK=marker``: everything a
+    benchmark started inherits it (children, Node, redis-server, the broker)."""
+    needle = f"PW_BENCH_TEST_MARK={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found.append(f"{entry.name}: {cmd[:200]}")
+        except OSError:
+            continue
+    return found
+
+
+def _bench_cli(tmp_path: Path, *args: str,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``procwire bench ...`` with a marker in its environment; afterwards no process
+    carrying the marker may be left (a reaped child disappears at once; a few seconds of
+    grace for ones still dying)."""
+    marker = f"{os.getpid()}-{tmp_path.name}"
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PW_BENCH_TEST_MARK=marker,
+                    **(env or {}))
+    out = subprocess.run([sys.executable, "-m", "procwire", "bench", *args], env=full_env,
+                         capture_output=True, text=True, timeout=90)
+    deadline = time.monotonic() + 5
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _marked(marker) == [], "the benchmark left processes running"
+    return out
+
+
+def test_bench_help_lists_the_suites() -> None:
+    out = cli("bench", "--help")
+    assert out.returncode == 0, out.stderr
+    for suite in ("channels", "children", "bus"):
+        assert re.search(rf"^\W*{suite}\s", out.stdout, re.M), out.stdout
+    wrong = cli("bench", "--quick", "children")
+    assert wrong.returncode != 0
+    assert "after the suite name" in wrong.stderr
+
+
+def test_bench_children_runs_a_small_comparison(tmp_path: Path) -> None:
+    out_file = tmp_path / "children.json"
+    out = _bench_cli(tmp_path, "children", "--quick", "--only", "procwire py<->py",
+                     "--only", "procwire cluster relay", "--only", "node cluster relay",
+                     "--json", str(out_file))
+    assert out.returncode == 0, out.stdout + out.stderr
+    row = r"\| {} \| [\d.]+ \| [\d.]+ \| [\d,]+ \|"
+    for name in ("procwire py<->py", "procwire cluster relay", "node cluster relay"):
+        m = re.search(row.format(re.escape(name)), out.stdout)
+        assert m, out.stdout
+    ratio = re.search(r"\| procwire cluster relay / node cluster relay \| ([\d.]+) \[", out.stdout)
+    assert ratio and float(ratio.group(1)) > 0, out.stdout
+    data = json.loads(out_file.read_text())
+    assert data["procwire py<->py"][0]["msgs_per_s"] > 0
+    assert data["node cluster relay"][0]["p50_us"] > 0
+
+
+def test_bench_bus_runs_a_small_comparison_on_its_own_redis(tmp_path: Path) -> None:
+    out_file = tmp_path / "bus.json"
+    out = _bench_cli(tmp_path, "bus", "--quick", "--only", "raw_redis", "--only", "broker_emit",
+                     "--subs", "1", "--json", str(out_file))
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("raw_redis", "broker_emit"):
+        assert re.search(rf"\| {name} \| \d+k? \| \d+ \| \d+ \|", out.stdout), out.stdout
+    assert re.search(r"\| local broker \| \d+ \| \d+ \|", out.stdout), out.stdout
+    assert "- broker_emit / raw_redis: 1 sub: " in out.stdout
+    rows = json.loads(out_file.read_text())
+    tput = [r for r in rows if r["mode"] == "tput"]
+    assert {r["method"] for r in tput} == {"raw_redis", "broker_emit"}
+    assert all(r["events_per_s"] > 0 and r["lost"] == 0 for r in tput), rows
+
+
+def test_bench_bus_reports_a_missing_ioredis_with_the_install_hint(tmp_path: Path) -> None:
+    empty = tmp_path / "node_modules"
+    empty.mkdir()
+    out = _bench_cli(tmp_path, "bus", "--quick", "--only", "node_ioredis", "--subs", "1",
+                     env={"PROCWIRE_BENCH_NODE_MODULES": str(empty)})
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "| node_ioredis | error | error | error |" in out.stdout
+    assert "npm install" in out.stdout and "PROCWIRE_BENCH_NODE_MODULES" in out.stdout

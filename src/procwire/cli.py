@@ -146,21 +146,38 @@ def demo(json_out: Annotated[bool, typer.Option("--json", help="Print results as
         raise typer.Exit(1)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context,
-          quick: Annotated[bool, typer.Option("--quick", help="Fewer messages, 1 repetition.")]
-          = False,
-          reps: Annotated[int | None, typer.Option(help="Repetitions (default 3).")] = None,
-          json_path: Annotated[str | None, typer.Option("--json", help="Write results here.")]
-          = None,
-          only: Annotated[list[str] | None, typer.Option(
-              "--only", help="Glob of a method or test to run (repeatable), e.g. 'procwire_*'.")]
-          = None) -> None:
-    """Measure procwire's channels (unix, tcp, tls, udp) against raw sockets, pipes,
-    multiprocessing, pyzmq and Node fork() IPC in one run, and print the tables and target
-    ratios (benchmarks/README.md)."""
-    from .bench import channels
+bench_app = typer.Typer(
+    name="bench", invoke_without_command=True,
+    help="Measure procwire against the usual alternatives, in the same run. Without a suite "
+    "name: the channel suite (procwire bench --quick). Suites: channels, children, bus "
+    "(benchmarks/README.md).")
 
+# The options every suite shares, and the channel suite's, declared once (typer reads the
+# Annotated metadata of each command's parameters).
+_Quick = Annotated[bool, typer.Option("--quick", help="Fewer messages, 1 repetition.")]
+_Reps = Annotated[int | None, typer.Option(help="Repetitions (default 3; 1 with --quick).")]
+_Json = Annotated[str | None, typer.Option("--json", help="Write every measurement here as JSON.")]
+_ChannelOnly = Annotated[list[str] | None, typer.Option(
+    "--only", help="Glob of a method or test to run (repeatable), e.g. 'procwire_*'.")]
+_Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress lines.")]
+
+
+@bench_app.callback()
+def _bench(ctx: typer.Context,
+           quick: _Quick = False, reps: _Reps = None, json_path: _Json = None,
+           only: _ChannelOnly = None, quiet: _Quiet = False) -> None:
+    """Measure procwire against the usual alternatives in one run and print the tables and
+    ratios. Without a suite name, runs the channel suite with these options."""
+    if ctx.invoked_subcommand is not None:
+        if quick or reps is not None or json_path or only or quiet:
+            raise typer.BadParameter(
+                f"put the options after the suite name: procwire bench "
+                f"{ctx.invoked_subcommand} [OPTIONS]")
+        return
+    _run_channels(quick, reps, json_path, only, quiet)
+
+
+def _common(quick: bool, reps: int | None, json_path: str | None) -> list[str]:
     argv: list[str] = []
     if quick:
         argv.append("--quick")
@@ -168,9 +185,74 @@ def bench(ctx: typer.Context,
         argv += ["--reps", str(reps)]
     if json_path:
         argv += ["--json", json_path]
+    return argv
+
+
+def _run_channels(quick: bool, reps: int | None, json_path: str | None,
+                  only: list[str] | None, quiet: bool) -> None:
+    from .bench import channels
+
+    argv = _common(quick, reps, json_path)
     if only:
         argv += ["--only", *only]
-    raise typer.Exit(channels.main(argv + list(ctx.args)))
+    if quiet:
+        argv.append("-q")
+    raise typer.Exit(channels.main(argv))
+
+
+@bench_app.command("channels")
+def _bench_channels(
+        quick: _Quick = False, reps: _Reps = None, json_path: _Json = None,
+        only: _ChannelOnly = None, quiet: _Quiet = False) -> None:
+    """Channels (unix, tcp, tls, udp) against raw sockets, pipes, multiprocessing, pyzmq and
+    Node fork() IPC (the default suite)."""
+    _run_channels(quick, reps, json_path, only, quiet)
+
+
+@bench_app.command("children")
+def _bench_children(
+        quick: _Quick = False, reps: _Reps = None, json_path: _Json = None,
+        only: Annotated[list[str] | None, typer.Option(
+            "--only", help="Run only this method (repeatable): 'procwire py<->py', "
+            "'mp.Pipe', 'node fork', 'procwire py<->node', 'raw socket py<->py', "
+            "'procwire cluster relay', 'node cluster relay'.")] = None,
+        paired: Annotated[int, typer.Option(
+            "--paired", metavar="BATCHES", help="Instead: RTT of procwire py<->py, node fork "
+            "and mp.Pipe in this many alternating batches of 1000 round trips.")] = 0) -> None:
+    """Child processes and cluster relay: procwire py<->py and py<->node children and a
+    two-worker Cluster against multiprocessing.Pipe, Node fork() and Node's cluster, plus a
+    raw-socket floor (benchmarks/processes.md)."""
+    from .bench import processes
+
+    argv = _common(quick, reps, json_path)
+    for name in only or []:
+        argv += ["--only", name]
+    if paired:
+        argv += ["--paired", str(paired)]
+    raise typer.Exit(processes.main(argv, prog="procwire bench children"))
+
+
+@bench_app.command("bus")
+def _bench_bus(
+        quick: _Quick = False, reps: _Reps = None, json_path: _Json = None,
+        only: Annotated[list[str] | None, typer.Option(
+            "--only", help="Run only this method (repeatable): raw_redis, procwire_many, "
+            "procwire_emit, broker_many, broker_emit, node_ioredis.")] = None,
+        subs: Annotated[list[int] | None, typer.Option(
+            "--subs", help="Subscriber count (repeatable; default 1, 4 and 16).")] = None
+        ) -> None:
+    """Event bus: procwire on Redis and on its local broker against redis-py and Node
+    ioredis, 1 publisher to N subscriber processes, and request/reply. Starts its own
+    redis-server (on PATH) on a free loopback port; the Node row needs the npm package
+    ioredis (PROCWIRE_BENCH_NODE_MODULES=DIR/node_modules) (benchmarks/bus.md)."""
+    from .bench import bus
+
+    argv = _common(quick, reps, json_path)
+    if only:
+        argv += ["--only", *only]
+    if subs:
+        argv += ["--subs", *map(str, subs)]
+    raise typer.Exit(bus.main(argv, prog="procwire bench bus"))
 
 
 def _mount() -> None:
@@ -179,6 +261,7 @@ def _mount() -> None:
     from .queue.cli import app as queue_app
 
     app.add_typer(queue_app, name="queue")
+    app.add_typer(bench_app, name="bench")
     for command in (bus_cli.emit, bus_cli.listen, bus_cli.request, bus_cli.broker):
         app.command()(command)
     # Arguments after "--" belong to the workers' command line.
