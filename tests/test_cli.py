@@ -131,8 +131,8 @@ def _bench_cli(tmp_path: Path, *args: str,
     carrying the marker may be left (a reaped child disappears at once; a few seconds of
     grace for ones still dying)."""
     marker = f"{os.getpid()}-{tmp_path.name}"
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PW_BENCH_TEST_MARK=marker,
-                    **(env or {}))
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PW_BENCH_TEST_MARK": marker,
+                **(env or {})}
     out = subprocess.run([sys.executable, "-m", "procwire", "bench", *args], env=full_env,
                          capture_output=True, text=True, timeout=90)
     deadline = time.monotonic() + 5
@@ -145,7 +145,7 @@ def _bench_cli(tmp_path: Path, *args: str,
 def test_bench_help_lists_the_suites() -> None:
     out = cli("bench", "--help")
     assert out.returncode == 0, out.stderr
-    for suite in ("channels", "children", "bus"):
+    for suite in ("channels", "children", "bus", "queues"):
         assert re.search(rf"^\W*{suite}\s", out.stdout, re.M), out.stdout
     wrong = cli("bench", "--quick", "children")
     assert wrong.returncode != 0
@@ -192,3 +192,38 @@ def test_bench_bus_reports_a_missing_ioredis_with_the_install_hint(tmp_path: Pat
     assert out.returncode == 1, out.stdout + out.stderr
     assert "| node_ioredis | error | error | error |" in out.stdout
     assert "npm install" in out.stdout and "PROCWIRE_BENCH_NODE_MODULES" in out.stdout
+
+
+def test_bench_queues_runs_the_sqlite_rows(tmp_path: Path) -> None:
+    out_file = tmp_path / "queues.json"
+    out = _bench_cli(tmp_path, "queues", "--quick", "--only", "sqlite", "--match",
+                     "procwire sqlite FULL", "--single", "1000", "--batched", "10000",
+                     "--json", str(out_file))
+    assert out.returncode == 0, out.stdout + out.stderr
+    # system | op | batch | procs | jobs | jobs/s | [min-max]: 100 jobs one at a time and 1,000
+    # in batches of 100 (--quick), every row with a figure.
+    rows = re.findall(r"^\| procwire sqlite FULL \| (\S+) \| (\d+) \| (\d) \| ([\d,]+) \| "
+                      r"([\d,]+) \| \[[\d,]+-[\d,]+\] \|", out.stdout, re.M)
+    assert sorted((op, b, p, n) for op, b, p, n, _ in rows) == sorted([
+        ("put", "1", "1", "100"), ("get+ack", "1", "1", "100"), ("process", "1", "1", "100"),
+        ("get+ack", "1", "4", "100"), ("put", "100", "1", "1,000"),
+        ("get+ack", "100", "1", "1,000"), ("get+ack", "100", "4", "1,000")]), out.stdout
+    assert all(int(rate.replace(",", "")) > 0 for *_, rate in rows)
+    assert "skipped" not in out.stdout and "error" not in out.stdout
+    data = json.loads(out_file.read_text())
+    assert len(data) == 7 and all(r["jobs_per_s"][0] > 0 for r in data), data
+
+
+def test_bench_queues_reports_a_missing_comparison_with_the_install_hint(tmp_path: Path) -> None:
+    # A package named huey that fails to import stands for huey not being installed (whether
+    # or not the real one is): its rows are skipped rows with the hint, not left out.
+    fake = tmp_path / "site" / "huey"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('huey stands in as not installed')\n")
+    out = _bench_cli(tmp_path, "queues", "--quick", "--only", "sqlite", "--match", "huey",
+                     env={"PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT / 'src'}"})
+    assert out.returncode == 1, out.stdout + out.stderr  # nothing measured
+    skipped = re.findall(r"^\| huey SqliteStorage \| .* \| skipped \| - \| (.*) \|$",
+                         out.stdout, re.M)
+    assert len(skipped) == 3, out.stdout
+    assert all("`pip install huey`" in hint for hint in skipped), skipped

@@ -149,8 +149,8 @@ def demo(json_out: Annotated[bool, typer.Option("--json", help="Print results as
 bench_app = typer.Typer(
     name="bench", invoke_without_command=True,
     help="Measure procwire against the usual alternatives, in the same run. Without a suite "
-    "name: the channel suite (procwire bench --quick). Suites: channels, children, bus "
-    "(benchmarks/README.md).")
+    "name: the channel suite (procwire bench --quick). Suites: channels, children, bus, "
+    "queues (benchmarks/README.md).")
 
 # The options every suite shares, and the channel suite's, declared once (typer reads the
 # Annotated metadata of each command's parameters).
@@ -253,6 +253,41 @@ def _bench_bus(
     if subs:
         argv += ["--subs", *map(str, subs)]
     raise typer.Exit(bus.main(argv, prog="procwire bench bus"))
+
+
+@bench_app.command("queues")
+def _bench_queues(
+        quick: _Quick = False, reps: _Reps = None, json_path: _Json = None,
+        only: Annotated[str | None, typer.Option(
+            "--only", help="Run one store's cases: sqlite or redis.")] = None,
+        match: Annotated[str | None, typer.Option(
+            "--match", help="Run only the rows whose system contains this text, e.g. "
+            "'procwire sqlite FULL'.")] = None,
+        single: Annotated[int | None, typer.Option(
+            "--single", help="Jobs for one-at-a-time cases (default 3000; --quick: 1/10).")
+            ] = None,
+        batched: Annotated[int | None, typer.Option(
+            "--batched", help="Jobs for batched cases (default 50000; --quick: 1/10).")] = None,
+        rq_jobs: Annotated[int | None, typer.Option(
+            "--rq-jobs", help="Jobs for RQ's workers (default 1000; --quick: 1/10).")] = None,
+        redis: Annotated[str | None, typer.Option(
+            "--redis", metavar="URL", help="Use this Redis (FLUSHDB before each case) instead "
+            "of a private redis-server.")] = None,
+        no_redis: Annotated[bool, typer.Option(
+            "--no-redis", help="Skip the Redis cases.")] = False) -> None:
+    """Work queues: procwire's SQLite and Redis queues against persist-queue, huey and RQ
+    (optional: pip install huey persist-queue rq; a missing one is a skipped row with the
+    hint). Starts its own redis-server (on PATH) on a free loopback port (benchmarks/queue.md)."""
+    from .bench import queues
+
+    argv = _common(quick, reps, json_path)
+    for flag, value in (("--only", only), ("--match", match), ("--single", single),
+                        ("--batched", batched), ("--rq-jobs", rq_jobs), ("--redis", redis)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if no_redis:
+        argv.append("--no-redis")
+    raise typer.Exit(queues.main(argv, prog="procwire bench queues"))
 
 
 def _mount() -> None:
