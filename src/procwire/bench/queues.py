@@ -380,10 +380,19 @@ def sqlite_cases(single: int, batched: int) -> list[Case]:
     return cases
 
 
-def redis_case_list(url: str | None, single: int, batched: int, rq_jobs: int) -> list[Case]:
+class RedisTarget:
+    """The Redis URL the Redis cases run against, known once the server is up."""
+
+    url = ""
+
+
+def redis_case_list(target: RedisTarget, single: int, batched: int,
+                    rq_jobs: int) -> list[Case]:
+    """The Redis rows, each comparison next to the procwire row it is compared with; they run
+    against ``target.url`` as it is when they run."""
     def c(system: str, op: str, batch: int, procs: int, n: int, fn: Callable[[str], float],
           note: str = "") -> Case:
-        return Case(system, op, batch, procs, n, lambda _p: fn(url or ""), note, redis=True)
+        return Case(system, op, batch, procs, n, lambda _p: fn(target.url), note, redis=True)
 
     label = "procwire redis"
     rq_note = "work(burst=True), worker start-up included"
@@ -490,8 +499,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     rounds: int = args.rounds or (1 if args.quick else 3)
 
     cases: list[Case] = [] if args.only == "redis" else sqlite_cases(single, batched)
+    target = RedisTarget()
     if not args.no_redis and args.only != "sqlite":
-        cases += redis_case_list(args.redis, single, batched, rq_jobs)
+        cases += redis_case_list(target, single, batched, rq_jobs)
     if args.match:
         cases = [c for c in cases if args.match in c.system]
     for c in cases:
@@ -517,11 +527,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             for c in redis_cases:
                 c.skipped = why
         else:
+            target.url = url
             client = redis.Redis.from_url(url)
-            # The cases were built before the server existed: bind them to its URL now.
-            fresh = {c.key: c for c in redis_case_list(url, single, batched, rq_jobs)}
-            for c in redis_cases:
-                c.fn = fresh[c.key].fn
     for c in cases:
         if c.skipped:
             print(f"skip {c.system} {c.op}: {c.skipped}", file=sys.stderr)
