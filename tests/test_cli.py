@@ -227,3 +227,13 @@ def test_bench_queues_reports_a_missing_comparison_with_the_install_hint(tmp_pat
                          out.stdout, re.M)
     assert len(skipped) == 3, out.stdout
     assert all("`pip install huey`" in hint for hint in skipped), skipped
+
+
+def test_bench_queues_redis_rows_on_its_own_redis_server(tmp_path: Path) -> None:
+    # The suite's private redis-server carries the marker too: _bench_cli checks it is gone.
+    out = _bench_cli(tmp_path, "queues", "--quick", "--only", "redis", "--match",
+                     "procwire redis", "--single", "1000", "--batched", "10000")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = re.findall(r"^\| procwire redis \| (\S+) \| \d+ \| \d \| [\d,]+ \| ([\d,]+) \|",
+                      out.stdout, re.M)
+    assert len(rows) == 7 and all(int(rate.replace(",", "")) > 0 for _, rate in rows), out.stdout
