@@ -568,3 +568,31 @@ def test_async_handlers_share_requests_one_each(redis_server: Any) -> None:
                 await client.request("work", 0, timeout=5)
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def _wait(pred: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"condition not met in {timeout} s"
+        time.sleep(0.02)
+
+
+def test_emit_reporting_an_earlier_failure_still_queues_and_counts_its_own_event(
+        redis_server: Any) -> None:
+    with Bus(redis_server.url, channel="acct", emit_timeout=0.3) as bus:
+        got = bus.subscribe("*", timeout=10)
+        redis_server.stop()
+        for i in range(3):
+            bus.emit("lost", i)  # queued; expire after 0.3 s
+        _wait(lambda: bus.stats()["backend"]["emit_failed"] == 3)
+        redis_server.start()
+        _wait(lambda: bus.stats()["backend"]["connected"])
+        with pytest.raises(procwire.Timeout) as info:
+            bus.emit("important", "X")
+        assert "3 emitted event(s)" in str(info.value)
+        assert info.value.queued == 1  # type: ignore[attr-defined]
+        bus.flush(5)
+        assert got.get(timeout=5).name == "important"
+        st = bus.stats()
+        assert st["emitted"] == 4
+        assert st["backend"]["published"] == 1 and st["backend"]["emit_failed"] == 3

@@ -241,10 +241,15 @@ class Bus(_BusBase):
         _check_emit_name(event)
         self._check_usable()
         t = self.emit_timeout if timeout is None else timeout
-        if confirm:
-            n = self._backend.publish_confirmed(event, data, t)
-        else:
-            n = self._backend.publish(event, data, t)
+        try:
+            if confirm:
+                n = self._backend.publish_confirmed(event, data, t)
+            else:
+                n = self._backend.publish(event, data, t)
+        except ProcwireError as exc:
+            # an earlier event's failure, reported after this one was queued: count it
+            self._core.emitted += getattr(exc, "queued", 0)
+            raise
         self._core.emitted += 1
         return n
 
@@ -264,7 +269,11 @@ class Bus(_BusBase):
         for name, _ in batch:
             _check_emit_name(name)
         self._check_usable()
-        self._backend.publish_many(batch, self.emit_timeout if timeout is None else timeout)
+        try:
+            self._backend.publish_many(batch, self.emit_timeout if timeout is None else timeout)
+        except ProcwireError as exc:
+            self._core.emitted += getattr(exc, "queued", 0)
+            raise
         self._core.emitted += len(batch)
 
     def subscribe(self, pattern: str, *, maxsize: int | None = None, policy: str | None = None,
@@ -541,12 +550,17 @@ class AsyncBus(_BusBase):
         self._check_usable()
         t = self.emit_timeout if timeout is None else timeout
         n: int | None = None
-        if confirm:
-            n = await self._io(self._backend.publish_confirmed, event, data, t)
-        else:
-            n = self._backend.publish_nowait(event, data, t)
-            if n is None:
-                n = await self._io(self._backend.publish, event, data, t)
+        try:
+            if confirm:
+                n = await self._io(self._backend.publish_confirmed, event, data, t)
+            else:
+                n = self._backend.publish_nowait(event, data, t)
+                if n is None:
+                    n = await self._io(self._backend.publish, event, data, t)
+        except ProcwireError as exc:
+            # an earlier event's failure, reported after this one was queued: count it
+            self._core.emitted += getattr(exc, "queued", 0)
+            raise
         self._core.emitted += 1
         assert n is not None
         return n
@@ -564,8 +578,12 @@ class AsyncBus(_BusBase):
         for name, _ in batch:
             _check_emit_name(name)
         await self.start()
-        await self._io(self._backend.publish_many, batch,
-                       self.emit_timeout if timeout is None else timeout)
+        try:
+            await self._io(self._backend.publish_many, batch,
+                           self.emit_timeout if timeout is None else timeout)
+        except ProcwireError as exc:
+            self._core.emitted += getattr(exc, "queued", 0)
+            raise
         self._core.emitted += len(batch)
 
     async def handle(self, name: str, fn: Callable[[Any], Any], *,

@@ -549,14 +549,20 @@ class RedisBackend(Backend):
     def _event_command(self, name: str, data: Any) -> bytes:
         return _resp_publish(self._ch, self._encode({"event": name, "data": data}))
 
-    def _raise_failure(self) -> None:
-        """Raise (once) what the flusher could not publish; call with ``_ocond`` held."""
+    def _raise_failure(self, queued: int = 0) -> None:
+        """Raise (once) what the flusher could not publish; call with ``_ocond`` held.
+        ``queued``: how many events of the raising call itself were queued before (they are
+        not part of the failure: they will be published or reported like any other); the
+        exception carries it as ``.queued`` so that the caller still counts them."""
         n = self._fail_count
         if not n:
             return
         cls, reason = self._fail_cls, self._fail_reason
         self._fail_count, self._fail_cls, self._fail_reason = 0, Timeout, ""
-        raise cls(f"{n} emitted event(s) were not published: {reason}")
+        more = f" (this call's {queued} event(s) were queued)" if queued else ""
+        exc = cls(f"{n} emitted event(s) were not published: {reason}{more}")
+        exc.queued = queued  # type: ignore[attr-defined]
+        raise exc
 
     def _fail(self, items: list[_Item], cls: type[ProcwireError], reason: str) -> None:
         """Record ``items`` as not published; call with ``_ocond`` held. The first reason
@@ -572,13 +578,14 @@ class RedisBackend(Backend):
     def _enqueue(self, cmds: list[bytes], timeout: float | None, box: list[Any] | None,
                  block: bool = True) -> bool:
         """Queue ``cmds`` in order for the flusher (False: no room and ``block`` is False).
-        Raises a pending flush failure first, and ``Timeout`` when there is no room in time."""
+        Then raises a pending flush failure (of earlier events: ``cmds`` are queued first and
+        the exception's ``.queued`` says so); ``Timeout`` when there is no room in time
+        (nothing queued)."""
         size = sum(len(c) for c in cmds)
         n = len(cmds)
         with self._ocond:
             if self._closing:
                 raise ChannelClosed("this bus is closed")
-            self._raise_failure()
             out = self._out
             if out and (len(out) + n > self.outbox_max or self._out_bytes + size > _OUTBOX_BYTES):
                 if not block:
@@ -604,6 +611,7 @@ class RedisBackend(Backend):
             self._out_bytes += size
             if self._flusher_idle:
                 self._wake.notify()
+            self._raise_failure(queued=n)
         return True
 
     def publish(self, name: str, data: Any, timeout: float | None) -> int:
