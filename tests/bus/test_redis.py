@@ -596,3 +596,50 @@ def test_emit_reporting_an_earlier_failure_still_queues_and_counts_its_own_event
         st = bus.stats()
         assert st["emitted"] == 4
         assert st["backend"]["published"] == 1 and st["backend"]["emit_failed"] == 3
+
+
+def test_a_redis_stall_longer_than_emit_timeout_resends_nothing() -> None:
+    """Redis stalls (DEBUG SLEEP) longer than emit_timeout: the request runs its handler once
+    and the pipelined emits arrive once each, in order, all confirmed (nothing resent)."""
+    import threading
+
+    from tests._servers import RedisServer
+
+    server = RedisServer("--enable-debug-command", "yes")
+    server.start()
+    try:
+        def stall() -> None:
+            r = redis.Redis(port=server.port, socket_timeout=10)
+            r.execute_command("DEBUG", "SLEEP", 1.0)
+            r.close()
+
+        with Bus(server.url, channel="stall") as handler, \
+                Bus(server.url, channel="stall", emit_timeout=0.3) as client:
+            calls: list[Any] = []
+            handler.handle("charge", lambda d: calls.append(d) or "ok")
+            sub = handler.subscribe("ev", timeout=10)
+            assert client.request("charge", "warm", timeout=5) == "ok"
+            client.emit("ev", -1)
+            client.flush(5)
+            assert sub.get(timeout=5).data == -1
+            calls.clear()
+            t = threading.Thread(target=stall)
+            t.start()
+            time.sleep(0.1)
+            assert client.request("charge", {"order": 1}, timeout=5) == "ok"
+            t.join(10)
+            t = threading.Thread(target=stall)
+            t.start()
+            time.sleep(0.1)
+            for i in range(5):
+                client.emit("ev", i, timeout=3)
+            client.flush(5)
+            t.join(10)
+            got = [sub.get(timeout=5).data for _ in range(5)]
+            with pytest.raises(procwire.Timeout):
+                sub.get(timeout=0.5)
+            assert calls == [{"order": 1}]
+            assert got == [0, 1, 2, 3, 4]
+            assert client.stats()["backend"]["emit_failed"] == 0
+    finally:
+        server.close()

@@ -91,6 +91,7 @@ _OUTBOX_BYTES = 64 << 20  # ... or this many bytes of commands
 _PIPELINE = 4096  # most commands in one pipelined write
 _PIPELINE_BYTES = 4 << 20
 _RESPONDERS_TTL = 1.0  # how long a requester trusts its list of a name's responders
+_READ_TIMEOUT = 30.0  # least wait for the reply to a written command (see __init__)
 
 
 def _left(deadline: float | None) -> float | None:
@@ -198,9 +199,15 @@ class RedisBackend(Backend):
         self._resp_cache: dict[str, tuple[float, list[bytes]]] = {}
         self._rr = itertools.count()
         sock_timeout = emit_timeout if emit_timeout else 5.0
+        # How long a written command may wait for its reply before the connection is given up:
+        # NOT emit_timeout. A Redis stall longer than the socket timeout used to make the
+        # flusher (and requests) resend commands Redis had received: duplicates, a request
+        # handled twice. A command once written is never resent after a read timeout.
+        self._read_timeout = max(_READ_TIMEOUT, 2 * sock_timeout)
         try:
             self._client = redis.Redis.from_url(
-                redis_url, socket_timeout=sock_timeout, socket_connect_timeout=sock_timeout,
+                redis_url, socket_timeout=self._read_timeout,
+                socket_connect_timeout=sock_timeout,
                 retry=Retry(NoBackoff(), 0), health_check_interval=0,
                 # RESP2: pub/sub messages are plain replies (RESP3 turns them into push
                 # notifications that read_response hides from us).
@@ -249,6 +256,7 @@ class RedisBackend(Backend):
         self._closing = False
         self._flush_conn: Any = None
         self._flush_reader: Any = None  # hiredis.Reader for the flusher's connection
+        self._flush_wrote = False  # the current pipeline's write has begun
         self.published = 0
         self.unheard = 0
         self.emit_failed = 0
@@ -266,11 +274,11 @@ class RedisBackend(Backend):
         run_id = info.get("run_id")
         return str(run_id) if run_id is not None else None
 
-    def _new_connection(self) -> Any:
+    def _new_connection(self, **override: Any) -> Any:
         """A connection of our own, outside the pool's count (the pool refuses more than
         ``max_connections`` ever made, and a long outage makes many attempts)."""
         pool = self._client.connection_pool
-        return pool.connection_class(**pool.connection_kwargs)
+        return pool.connection_class(**{**pool.connection_kwargs, **override})
 
     def _open_subscriber(self, timeout: float | None) -> Any:
         """A new connection subscribed to every channel, confirmations read."""
@@ -520,7 +528,41 @@ class RedisBackend(Backend):
         if not self._drain(timeout):
             raise Timeout(f"Redis at {self.url} did not confirm the events emitted before "
                           f"this message in {timeout} s; it was not sent")
-        return int(self._call(lambda: self._client.publish(channel, payload), timeout))
+        return self._publish_once(channel, payload, timeout)
+
+    def _publish_once(self, channel: bytes, payload: bytes, timeout: float | None) -> int:
+        """PUBLISH on a pool connection: connecting is retried until ``timeout``, but once the
+        command may have been written it is never resent (a request would run twice): no reply
+        in time, or the connection lost meanwhile, is ``Timeout`` (outcome unknown)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pool = self._client.connection_pool
+        conn = self._call(pool.get_connection, timeout)
+        try:
+            left = _left(deadline)
+            sock = getattr(conn, "_sock", None)
+            if sock is not None:
+                sock.settimeout(self._read_timeout if left is None else max(left, 0.001))
+            try:
+                conn.send_command("PUBLISH", channel, payload, check_health=False)
+                n = conn.read_response()
+            except redis.AuthenticationError as exc:
+                raise AuthenticationError(f"Redis at {self.url}: {exc}") from exc
+            except redis.ResponseError as exc:
+                raise ProtocolError(f"Redis at {self.url}: {exc}") from exc
+            except _ANY_ERRORS as exc:
+                conn.disconnect()
+                if self._closed:
+                    raise ChannelClosed("this bus is closed") from exc
+                raise Timeout(f"Redis at {self.url} did not confirm a PUBLISH in {timeout} s "
+                              f"({exc}); it was not resent and may have been delivered"
+                              ) from exc
+            finally:
+                sock = getattr(conn, "_sock", None)
+                if sock is not None:
+                    sock.settimeout(self._read_timeout)
+        finally:
+            pool.release(conn)
+        return int(n)
 
     def _call(self, fn: Any, timeout: float | None) -> Any:
         """``fn()`` (one command on the pool), retried on connection errors until
@@ -722,6 +764,7 @@ class RedisBackend(Backend):
                             break
                 results: list[Any] = []
                 error: BaseException | None = None
+                self._flush_wrote = False
                 try:
                     self._write_read(b"".join(batch), len(batch), results)
                 except _ANY_ERRORS as exc:
@@ -735,6 +778,18 @@ class RedisBackend(Backend):
                     if error is None:
                         delay = 0.01
                         continue
+                    if self._flush_wrote and isinstance(error, (TimeoutError,
+                                                                redis.TimeoutError)):
+                        # Written, then no reply within the read timeout: Redis may have
+                        # published them; resending could duplicate. Report, do not resend.
+                        unanswered = first + len(batch) - 1 - self._settled
+                        if unanswered > 0:
+                            items = list(islice(self._out, unanswered))
+                            self._fail(items, Timeout, (
+                                f"Redis at {self.url} did not answer within "
+                                f"{self._read_timeout} s; not resent, they may have been "
+                                "delivered (outcome unknown)"))
+                            self._settle_failed(unanswered)
                     wait = self._expire(error)
                 if wait is None:
                     continue
@@ -751,11 +806,12 @@ class RedisBackend(Backend):
         error reply as an exception object) to ``results``, also when failing halfway."""
         conn = self._flush_conn
         if conn is None:
-            conn = self._flush_conn = self._new_connection()
+            conn = self._flush_conn = self._new_connection(socket_timeout=self._read_timeout)
         if conn._sock is None:
             conn.connect()  # AUTH, SELECT, TLS: redis-py's part
             self._flush_reader = None
         sock = conn._sock
+        self._flush_wrote = True  # from here on the pipeline may have reached Redis
         if _hiredis is None:  # pragma: no cover - hiredis comes with procwire[redis]
             conn.send_packed_command([data], check_health=False)
             for _ in range(n):
