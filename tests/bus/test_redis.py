@@ -643,3 +643,100 @@ def test_a_redis_stall_longer_than_emit_timeout_resends_nothing() -> None:
             assert client.stats()["backend"]["emit_failed"] == 0
     finally:
         server.close()
+
+
+class _Proxy:
+    """A TCP relay in front of Redis that can inject bytes toward its clients."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self._socket = socket
+        self.target = target_port
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.clients: list[Any] = []
+        self.all: list[Any] = [self.lsock]
+        self.threads: list[threading.Thread] = []
+        self._threading = threading
+        self._spawn(self._accept)
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        t = self._threading.Thread(target=fn, args=args, daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            u = self._socket.create_connection(("127.0.0.1", self.target))
+            self.clients.append(c)
+            self.all += [c, u]
+            self._spawn(self._pipe, c, u)
+            self._spawn(self._pipe, u, c)
+
+    def _pipe(self, a: Any, b: Any) -> None:
+        try:
+            while d := a.recv(65536):
+                b.sendall(d)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def inject(self, data: bytes) -> None:
+        for c in list(self.clients):
+            try:
+                c.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for s in self.all:
+            try:
+                s.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        for t in self.threads:
+            t.join(5)
+
+
+def test_a_malformed_reply_on_the_flushers_connection_reconnects(redis_server: Any) -> None:
+    """A byte that is not RESP on the flusher's connection (a proxy hiccup) is a connection
+    error: the flusher reconnects and the emits after it are delivered."""
+    proxy = _Proxy(redis_server.port)
+    try:
+        with Bus(f"redis://127.0.0.1:{proxy.port}/0", channel="garb", emit_timeout=2) as bus:
+            got = bus.subscribe("e", timeout=10)
+            bus.emit("e", 0)
+            bus.flush(5)
+            assert got.get(timeout=5).data == 0
+            proxy.inject(b"?garbage\r\n")
+            time.sleep(0.3)
+            for i in range(1, 5):
+                try:
+                    bus.emit("e", i)
+                except procwire.ProcwireError:
+                    pass  # at most: the ones in flight when the garbage came, reported
+            try:
+                bus.flush(5)
+            except procwire.ProcwireError:
+                pass
+            assert bus._backend._flusher.is_alive()  # type: ignore[attr-defined]
+            bus.emit("e", 99)
+            bus.flush(5)
+            seen = drain_until(got, lambda ev: ev.data == 99, timeout=10)
+            assert seen[-1].data == 99
+            st = bus.stats()
+            b = st["backend"]
+            assert st["emitted"] == b["published"] + b["emit_failed"] + b["outbox"]
+    finally:
+        proxy.close()

@@ -145,6 +145,8 @@ _decode_request = msgspec.json.Decoder(_Request).decode
 _decode_reply = msgspec.json.Decoder(_Reply).decode
 
 _CONN_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+_FLUSH_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError) + (
+    (_hiredis.HiredisError,) if _hiredis is not None else ())
 _ANY_ERRORS = (redis.RedisError, OSError)
 
 
@@ -736,70 +738,91 @@ class RedisBackend(Backend):
             self._raise_failure()
 
     def _flush_loop(self) -> None:
-        """The flusher thread: write everything queued as one pipeline, read the replies,
-        settle in order; on a connection error retry the rest until each event's deadline."""
+        """The flusher thread. An unexpected exception (a bug) must not leave ``emit`` queueing
+        for nobody: what is queued is failed (reported by the next emit/flush/close), the
+        connection dropped, and the loop starts again."""
+        while True:
+            try:
+                self._flush_once_loop()
+                return
+            except Exception:
+                log.exception("procwire bus: the Redis flusher thread failed; restarting it")
+                self.flush_errors += 1
+                conn = self._flush_conn
+                if conn is not None:
+                    try:
+                        conn.disconnect()
+                    except Exception:  # pragma: no cover - best effort
+                        pass
+                self._flush_reader = None
+                with self._ocond:
+                    if self._out:
+                        self._fail(list(self._out), ProtocolError,
+                                   "the flusher thread failed (a bug; see the log)")
+                        self._settle_failed(len(self._out))
+                    if self._closing or self._closed:
+                        return
+                self._halt.wait(0.1)
+
+    def _flush_once_loop(self) -> None:
+        """Write everything queued as one pipeline, read the replies, settle in order; on a
+        connection error retry the rest until each event's deadline."""
         delay = 0.01
         ocond = self._ocond
-        try:
-            while True:
-                with ocond:
-                    while not self._out:
-                        if self._closing or self._closed:
-                            return
-                        self._flusher_idle = True
-                        try:
-                            self._wake.wait()
-                        finally:
-                            self._flusher_idle = False
-                    if self._halt.is_set():
-                        self._fail_rest()
-                        return
-                    first = self._settled + 1
-                    batch: list[bytes] = []
-                    size = 0
-                    for cmd, _d, _b in islice(self._out, _PIPELINE):
-                        batch.append(cmd)
-                        size += len(cmd)
-                        if size >= _PIPELINE_BYTES:
-                            break
-                results: list[Any] = []
-                error: BaseException | None = None
-                self._flush_wrote = False
-                try:
-                    self._write_read(b"".join(batch), len(batch), results)
-                except _ANY_ERRORS as exc:
-                    error = exc
-                    self.flush_errors += 1
-                    if self._flush_conn is not None:  # reconnects on its next write
-                        self._flush_conn.disconnect()
-                    self._flush_reader = None
-                with ocond:
-                    self._settle(first, results)
-                    if error is None:
-                        delay = 0.01
-                        continue
-                    if self._flush_wrote and isinstance(error, (TimeoutError,
-                                                                redis.TimeoutError)):
-                        # Written, then no reply within the read timeout: Redis may have
-                        # published them; resending could duplicate. Report, do not resend.
-                        unanswered = first + len(batch) - 1 - self._settled
-                        if unanswered > 0:
-                            items = list(islice(self._out, unanswered))
-                            self._fail(items, Timeout, (
-                                f"Redis at {self.url} did not answer within "
-                                f"{self._read_timeout} s; not resent, they may have been "
-                                "delivered (outcome unknown)"))
-                            self._settle_failed(unanswered)
-                    wait = self._expire(error)
-                if wait is None:
-                    continue
-                self._halt.wait(min(delay, wait))
-                delay = min(delay * 2, 0.25)
-        except Exception:  # a bug: say so rather than leave emitters waiting silently
-            log.exception("procwire bus: the Redis flusher thread failed")
+        while True:
             with ocond:
-                self._fail(list(self._out), ProtocolError, "the flusher thread failed (a bug)")
-                self._settle_failed(len(self._out))
+                while not self._out:
+                    if self._closing or self._closed:
+                        return
+                    self._flusher_idle = True
+                    try:
+                        self._wake.wait()
+                    finally:
+                        self._flusher_idle = False
+                if self._halt.is_set():
+                    self._fail_rest()
+                    return
+                first = self._settled + 1
+                batch: list[bytes] = []
+                size = 0
+                for cmd, _d, _b in islice(self._out, _PIPELINE):
+                    batch.append(cmd)
+                    size += len(cmd)
+                    if size >= _PIPELINE_BYTES:
+                        break
+            results: list[Any] = []
+            error: BaseException | None = None
+            self._flush_wrote = False
+            try:
+                self._write_read(b"".join(batch), len(batch), results)
+            except _FLUSH_ERRORS as exc:
+                error = exc
+                self.flush_errors += 1
+                if self._flush_conn is not None:  # reconnects on its next write
+                    self._flush_conn.disconnect()
+                self._flush_reader = None
+            with ocond:
+                self._settle(first, results)
+                if error is None:
+                    delay = 0.01
+                    continue
+                if self._flush_wrote and isinstance(error, (TimeoutError,
+                                                            redis.TimeoutError)):
+                    # Written, then no reply within the read timeout: Redis may have
+                    # published them; resending could duplicate. Report, do not resend.
+                    unanswered = first + len(batch) - 1 - self._settled
+                    if unanswered > 0:
+                        items = list(islice(self._out, unanswered))
+                        self._fail(items, Timeout, (
+                            f"Redis at {self.url} did not answer within "
+                            f"{self._read_timeout} s; not resent, they may have been "
+                            "delivered (outcome unknown)"))
+                        self._settle_failed(unanswered)
+                wait = self._expire(error)
+            if wait is None:
+                continue
+            self._halt.wait(min(delay, wait))
+            delay = min(delay * 2, 0.25)
 
     def _write_read(self, data: bytes, n: int, results: list[Any]) -> None:
         """Send one pipeline on the flusher's connection and append its ``n`` replies (an
@@ -824,7 +847,10 @@ class RedisBackend(Backend):
         # per-reply read_response costs more CPU than the rest of an emit.
         reader = self._flush_reader
         if reader is None:
-            reader = self._flush_reader = _hiredis.Reader()
+            # protocolError: a malformed reply is a redis.InvalidResponse (a connection error
+            # here: reconnect), not a hiredis.ProtocolError that would escape the flusher
+            reader = self._flush_reader = _hiredis.Reader(
+                protocolError=redis.InvalidResponse, replyError=redis.ResponseError)
         sock.sendall(data)
         gets, feed, recv = reader.gets, reader.feed, sock.recv
         while len(results) < n:
