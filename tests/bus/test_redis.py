@@ -660,6 +660,7 @@ class _Proxy:
         self.all: list[Any] = [self.lsock]
         self.threads: list[threading.Thread] = []
         self._threading = threading
+        self.alive = True
         self._spawn(self._accept)
 
     def _spawn(self, fn: Any, *args: Any) -> None:
@@ -672,6 +673,9 @@ class _Proxy:
             try:
                 c, _ = self.lsock.accept()
             except OSError:
+                return
+            if not self.alive:  # blackholed: the first filler ends this thread
+                c.close()
                 return
             u = self._socket.create_connection(("127.0.0.1", self.target))
             self.clients.append(c)
@@ -690,6 +694,26 @@ class _Proxy:
                 s.shutdown(self._socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def blackhole(self) -> None:
+        """Drop every connection and leave new SYNs unanswered (a full accept queue that
+        nobody accepts from), like a host that vanished from the network."""
+        self.alive = False
+        self.lsock.listen(0)
+        for s in self.all[1:]:
+            try:
+                s.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _ in range(4):
+            f = self._socket.socket()
+            f.setblocking(False)
+            try:
+                f.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass
+            self.all.append(f)
+            time.sleep(0.05)
 
     def inject(self, data: bytes) -> None:
         for c in list(self.clients):
@@ -738,5 +762,37 @@ def test_a_malformed_reply_on_the_flushers_connection_reconnects(redis_server: A
             st = bus.stats()
             b = st["backend"]
             assert st["emitted"] == b["published"] + b["emit_failed"] + b["outbox"]
+    finally:
+        proxy.close()
+
+
+def test_close_reports_events_while_the_flusher_is_stuck_connecting(redis_server: Any) -> None:
+    """Redis's host stops answering SYNs while events are queued: close(timeout=1) raises
+    ChannelClosed for every unconfirmed event itself, and the threads end within their own
+    connect bound (emit_timeout) after it."""
+    import threading
+
+    proxy = _Proxy(redis_server.port)
+    try:
+        bus = Bus(f"redis://127.0.0.1:{proxy.port}/0", channel="hole", emit_timeout=2)
+        bus.emit("warm", 0)
+        bus.flush(5)
+        proxy.blackhole()
+        time.sleep(0.2)
+        for i in range(100):
+            bus.emit("order", i)
+        time.sleep(0.3)  # the flusher's write fails; it is reconnecting (SYN unanswered)
+        with pytest.raises(procwire.ChannelClosed) as info:
+            bus.close(timeout=1)
+        assert "100 emitted event(s)" in str(info.value)
+        st = bus.stats()
+        assert st["backend"]["emit_failed"] == 100 and st["backend"]["outbox"] == 0
+        deadline = time.monotonic() + 6
+        while any("procwire-bus-redis-" in t.name and "hole" in t.name
+                  for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "a bus thread outlived close() by 6 s"
+            time.sleep(0.05)
+        st = bus.stats()  # the flusher discarded its batch: nothing counted twice
+        assert st["backend"]["emit_failed"] == 100 and st["backend"]["published"] == 1
     finally:
         proxy.close()

@@ -206,10 +206,11 @@ class RedisBackend(Backend):
         # flusher (and requests) resend commands Redis had received: duplicates, a request
         # handled twice. A command once written is never resent after a read timeout.
         self._read_timeout = max(_READ_TIMEOUT, 2 * sock_timeout)
+        self._sock_timeout = sock_timeout
         try:
             self._client = redis.Redis.from_url(
-                redis_url, socket_timeout=self._read_timeout,
-                socket_connect_timeout=sock_timeout,
+                # (idempotent commands keep the short timeout; PUBLISH sets its own)
+                redis_url, socket_timeout=sock_timeout, socket_connect_timeout=sock_timeout,
                 retry=Retry(NoBackoff(), 0), health_check_interval=0,
                 # RESP2: pub/sub messages are plain replies (RESP3 turns them into push
                 # notifications that read_response hides from us).
@@ -561,7 +562,7 @@ class RedisBackend(Backend):
             finally:
                 sock = getattr(conn, "_sock", None)
                 if sock is not None:
-                    sock.settimeout(self._read_timeout)
+                    sock.settimeout(self._sock_timeout)
         finally:
             pool.release(conn)
         return int(n)
@@ -744,7 +745,7 @@ class RedisBackend(Backend):
         while True:
             try:
                 self._flush_once_loop()
-                return
+                break
             except Exception:
                 log.exception("procwire bus: the Redis flusher thread failed; restarting it")
                 self.flush_errors += 1
@@ -761,8 +762,13 @@ class RedisBackend(Backend):
                                    "the flusher thread failed (a bug; see the log)")
                         self._settle_failed(len(self._out))
                     if self._closing or self._closed:
-                        return
+                        break
                 self._halt.wait(0.1)
+        if self._closed and self._pid == os.getpid():
+            # close() has already failed and reported what was left: drop our connection
+            conn = self._flush_conn
+            if conn is not None:
+                conn.disconnect()
 
     def _flush_once_loop(self) -> None:
         """Write everything queued as one pipeline, read the replies, settle in order; on a
@@ -801,6 +807,8 @@ class RedisBackend(Backend):
                 if self._flush_conn is not None:  # reconnects on its next write
                     self._flush_conn.disconnect()
                 self._flush_reader = None
+            if self._closed:
+                return  # close() failed and reported this batch: discard it
             with ocond:
                 self._settle(first, results)
                 if error is None:
@@ -1050,6 +1058,8 @@ class RedisBackend(Backend):
             fconn.disconnect()
         self._client.close()
         with self._ocond:
-            if flusher is None or not flusher.is_alive():
-                self._fail_rest()
+            # Everything past the settled mark fails now, whether or not the flusher has
+            # exited (it may sit in a connect() to a host that drops SYNs): it discards its
+            # batch when it comes back, and close() reports them, not a later nobody.
+            self._fail_rest()
             self._raise_failure()
