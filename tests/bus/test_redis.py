@@ -648,7 +648,7 @@ def test_a_redis_stall_longer_than_emit_timeout_resends_nothing() -> None:
 class _Proxy:
     """A TCP relay in front of Redis that can inject bytes toward its clients."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, up_rate: float | None = None) -> None:
         import socket
         import threading
 
@@ -661,6 +661,7 @@ class _Proxy:
         self.threads: list[threading.Thread] = []
         self._threading = threading
         self.alive = True
+        self.up_rate = up_rate  # bytes/s toward Redis (None: unlimited)
         self._spawn(self._accept)
 
     def _spawn(self, fn: Any, *args: Any) -> None:
@@ -680,13 +681,15 @@ class _Proxy:
             u = self._socket.create_connection(("127.0.0.1", self.target))
             self.clients.append(c)
             self.all += [c, u]
-            self._spawn(self._pipe, c, u)
+            self._spawn(self._pipe, c, u, self.up_rate)
             self._spawn(self._pipe, u, c)
 
-    def _pipe(self, a: Any, b: Any) -> None:
+    def _pipe(self, a: Any, b: Any, rate: float | None = None) -> None:
         try:
             while d := a.recv(65536):
                 b.sendall(d)
+                if rate:
+                    time.sleep(len(d) / rate)
         except OSError:
             pass
         for s in (a, b):
@@ -794,5 +797,45 @@ def test_close_reports_events_while_the_flusher_is_stuck_connecting(redis_server
             time.sleep(0.05)
         st = bus.stats()  # the flusher discarded its batch: nothing counted twice
         assert st["backend"]["emit_failed"] == 100 and st["backend"]["published"] == 1
+    finally:
+        proxy.close()
+
+
+def test_a_closing_responder_stops_requests_before_it_drops_its_handlers(
+        redis_server: Any) -> None:
+    """A responder closes while a slow link flushes its outbox: it unsubscribes its request
+    channels first, so requests meanwhile go to the other responder; none is dropped."""
+    import threading
+
+    proxy = _Proxy(redis_server.port, up_rate=4 << 20)
+    try:
+        a = Bus(f"redis://127.0.0.1:{proxy.port}/0", channel="cw")
+        with Bus(redis_server.url, channel="cw") as b, \
+                Bus(redis_server.url, channel="cw") as client:
+            a.handle("work", lambda d: "A")
+            b.handle("work", lambda d: "B")
+            assert sorted(client.request("work", i, timeout=5) for i in range(4)) == [
+                "A", "A", "B", "B"]
+            blob = "x" * 4000
+            for _ in range(1500):  # ~6 MB at 4 MiB/s: close() flushes for ~1.5 s
+                a.emit("bulk", blob, timeout=30)
+            closer = threading.Thread(target=a.close, kwargs={"timeout": 30})
+            closer.start()
+            outcomes = []
+            deadline = time.monotonic() + 30
+            while closer.is_alive() and time.monotonic() < deadline:
+                try:
+                    # (5 s: a reply waits for the events emitted before it, ~1.5 s here)
+                    outcomes.append(client.request("work", None, timeout=5))
+                except procwire.Timeout:
+                    outcomes.append("TIMEOUT")
+            closer.join(30)
+            assert not closer.is_alive()
+            assert "TIMEOUT" not in outcomes, outcomes
+            assert a.stats()["requests_unhandled"] == 0
+            # unhandle: same rule (confirmed UNSUBSCRIBE, then the handler goes)
+            b.unhandle("work")
+            with pytest.raises(NoResponder):
+                client.request("work", None, timeout=2)
     finally:
         proxy.close()

@@ -330,9 +330,13 @@ class Bus(_BusBase):
         return fn
 
     def unhandle(self, name: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        """Stop answering ``name``."""
-        if self._core.remove_responder(name) is not None:
-            self._backend.remove_responder(name, timeout)
+        """Stop answering ``name``. Requests stop reaching this bus (confirmed by the backend)
+        before the handler goes, so that none that arrives meanwhile is dropped."""
+        if self._core.has_responder(name):
+            try:
+                self._backend.remove_responder(name, timeout)
+            finally:
+                self._core.remove_responder(name)
 
     def request(self, name: str, data: Any = None, *,
                 timeout: float | None = DEFAULT_TIMEOUT) -> Any:
@@ -628,9 +632,12 @@ class AsyncBus(_BusBase):
             raise
 
     async def unhandle(self, name: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        """Stop answering ``name``."""
-        if self._core.remove_responder(name) is not None:
-            await self._io(self._backend.remove_responder, name, timeout)
+        """See :meth:`Bus.unhandle`."""
+        if self._core.has_responder(name):
+            try:
+                await self._io(self._backend.remove_responder, name, timeout)
+            finally:
+                self._core.remove_responder(name)
 
     async def request(self, name: str, data: Any = None, *,
                       timeout: float | None = DEFAULT_TIMEOUT) -> Any:

@@ -221,6 +221,7 @@ class RedisBackend(Backend):
         self._wlock = threading.Lock()     # writes on the subscriber connection
         self._channels: set[bytes] = {self._ch, self._reply_ch}
         self._confirmed: dict[bytes, threading.Event] = {}
+        self._unconfirmed: dict[bytes, threading.Event] = {}  # UNSUBSCRIBE waiting
         self._conn: Any = None
         self._sink: Sink | None = None
         self._thread: threading.Thread | None = None
@@ -443,6 +444,11 @@ class RedisBackend(Backend):
         elif kind == b"subscribe":
             with self._lock:
                 ev = self._confirmed.get(msg[1])
+            if ev is not None:
+                ev.set()
+        elif kind == b"unsubscribe":
+            with self._lock:
+                ev = self._unconfirmed.get(msg[1])
             if ev is not None:
                 ev.set()
 
@@ -997,11 +1003,42 @@ class RedisBackend(Backend):
                           f"{timeout} s")
 
     def remove_responder(self, name: str, timeout: float | None) -> None:
-        ch = self._req_prefix + name.encode() + self._req_suffix
+        """UNSUBSCRIBE, confirmed: requests already on their way arrive before the
+        confirmation (same connection, in order), so the caller's handler still answers them."""
+        self._unsubscribe([self._req_prefix + name.encode() + self._req_suffix], timeout)
+
+    def stop_responding(self, timeout: float | None) -> None:
         with self._lock:
-            self._channels.discard(ch)
-            self._confirmed.pop(ch, None)
-        self._send_sub("UNSUBSCRIBE", ch)
+            chans = [c for c in self._channels
+                     if c.startswith(self._req_prefix) and c.endswith(self._req_suffix)]
+        if chans:
+            self._unsubscribe(chans, timeout)
+
+    def _unsubscribe(self, chans: list[bytes], timeout: float | None) -> None:
+        waits = []
+        with self._lock:
+            for ch in chans:
+                self._channels.discard(ch)
+                self._confirmed.pop(ch, None)
+                ev = self._unconfirmed[ch] = threading.Event()
+                waits.append(ev)
+        try:
+            if not self._up.is_set():
+                return  # reconnecting: the new subscription leaves them out
+            self._send_sub("UNSUBSCRIBE", *chans)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for ev in waits:
+                while not ev.wait(0.05):
+                    if not self._up.is_set() or self._closed:
+                        return  # the connection went: so did the subscription
+                    left = _left(deadline)
+                    if left is not None and left <= 0:
+                        raise Timeout(f"Redis at {self.url} did not confirm UNSUBSCRIBE "
+                                      f"in {timeout} s")
+        finally:
+            with self._lock:
+                for ch in chans:
+                    self._unconfirmed.pop(ch, None)
 
     def stats(self) -> dict[str, Any]:
         return {"backend": "redis", "url": self.url, "channel": self.channel,
