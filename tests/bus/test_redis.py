@@ -839,3 +839,44 @@ def test_a_closing_responder_stops_requests_before_it_drops_its_handlers(
                 client.request("work", None, timeout=2)
     finally:
         proxy.close()
+
+
+def test_an_unclosed_bus_finaliser_does_not_block_on_the_outbox_lock(
+        redis_server: Any) -> None:
+    """The mechanism behind a GC finalising a bus on its own flusher thread (which holds the
+    outbox lock): with that lock held by the caller, Bus.__del__ returns at once with a
+    ResourceWarning and the close happens elsewhere once the lock is free (the GC timing
+    itself is not reproducible in a test; the reviewer's script hit it 1 time in 7)."""
+    import threading
+    import warnings
+
+    bus = Bus(redis_server.url, channel="gcdel", emit_timeout=5)
+    got = Bus(redis_server.url, channel="gcdel")
+    try:
+        sub = got.subscribe("e", timeout=10)
+        backend = bus._backend  # type: ignore[attr-defined]
+        for i in range(100):
+            bus.emit("e", i)
+        returned = threading.Event()
+        caught: list[Any] = []
+
+        def finalise() -> None:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                bus.__del__()
+            caught.extend(w)
+            returned.set()
+
+        with backend._olock:  # as the flusher does while it picks a batch
+            t = threading.Thread(target=finalise, daemon=True)
+            t.start()
+            ok = returned.wait(3)
+        t.join(10)
+        assert ok, "__del__ blocked on the outbox lock"
+        assert any(issubclass(w.category, ResourceWarning) for w in caught)
+        _wait(lambda: backend._closed, timeout=10)
+        seen = drain_until(sub, lambda ev: ev.data == 99, timeout=10)
+        assert [ev.data for ev in seen] == list(range(100))
+    finally:
+        got.close()
+        bus.close()

@@ -8,6 +8,7 @@ import inspect
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -74,6 +75,26 @@ def _raise_for_reply(name: str, reply: dict[str, Any]) -> Any:
             raise RemoteError(name, str(error.get("type", "Error")), str(error.get("message", "")))
         raise RemoteError(name, "Error", str(error))
     return reply.get("data")
+
+
+def _close_quietly(core: BusCore, timeout: float) -> None:
+    try:
+        core.close(timeout)
+    except Exception as exc:
+        log.error("closing an unclosed bus: %s", exc)
+
+
+def _close_in_background(core: BusCore, emit_timeout: float | None) -> None:
+    """An unclosed bus's finaliser must not block: the cyclic GC may run it on any thread,
+    including the bus's own flusher (holding the outbox lock: a blocking close deadlocks) or
+    an asyncio loop. The close (a Redis bus flushes what it queued, bounded by emit_timeout)
+    goes to a daemon thread; at exit the atexit flush covers it."""
+    timeout = 30.0 if emit_timeout is None else emit_timeout
+    if sys.is_finalizing():  # no new thread can start now (start() would hang); no GC race
+        _close_quietly(core, timeout)
+        return
+    threading.Thread(target=_close_quietly, args=(core, timeout), daemon=True,
+                     name="procwire-bus-close-unclosed").start()
 
 
 class _BusBase:
@@ -394,11 +415,10 @@ class Bus(_BusBase):
         core = getattr(self, "_core", None)
         if core is not None and not core.closed:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
-            try:
-                # a Redis bus may still hold queued events: give them emit_timeout (bounded)
-                self.close(timeout=30.0 if self.emit_timeout is None else self.emit_timeout)
-            except Exception as exc:
-                log.error("closing an unclosed bus: %s", exc)
+            if os.getpid() != getattr(self, "_pid", None):  # forked: the parent's threads
+                core.closed = True
+                return
+            _close_in_background(core, self.emit_timeout)
 
     def __repr__(self) -> str:
         return f"<Bus {self.url!r}{' closed' if self.closed else ''}>"
@@ -690,11 +710,10 @@ class AsyncBus(_BusBase):
         core = getattr(self, "_core", None)
         if core is not None and not core.closed and getattr(self, "_started", False):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
-            try:
-                # a Redis bus may still hold queued events: give them emit_timeout (bounded)
-                core.close(30.0 if self.emit_timeout is None else self.emit_timeout)
-            except Exception as exc:
-                log.error("closing an unclosed bus: %s", exc)
+            if os.getpid() != getattr(self, "_pid", None):  # forked: the parent's threads
+                core.closed = True
+                return
+            _close_in_background(core, self.emit_timeout)
 
     def __repr__(self) -> str:
         return f"<AsyncBus {self.url!r}{' closed' if self.closed else ''}>"
