@@ -880,3 +880,59 @@ def test_an_unclosed_bus_finaliser_does_not_block_on_the_outbox_lock(
     finally:
         got.close()
         bus.close()
+
+
+def test_a_forked_child_dropping_its_copy_leaves_the_parents_subscription(
+        redis_server: Any) -> None:
+    """A forked child that closes its copy of the backend and drops an unclosed AsyncBus
+    touches none of the shared sockets: the parent stays subscribed (no reconnect, no gap)."""
+    import gc
+    import os
+    import warnings
+
+    async def main() -> None:
+        bus = AsyncBus(redis_server.url, channel="fork")
+        await bus.start()
+        gaps: list[Any] = []
+        bus.on("procwire.gap", lambda info: gaps.append(info))
+        got: list[Any] = []
+        bus.on("tick", lambda d: got.append(d))
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 0
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    bus._backend.close(1)  # type: ignore[attr-defined]
+                    del bus
+                    gc.collect()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise AssertionError("the forked child did not exit in 10 s")
+            await asyncio.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+        await asyncio.sleep(0.5)  # a cut subscription would be noticed by now
+        pub = redis.Redis.from_url(redis_server.url)
+        try:
+            assert pub.publish("fork", '{"event":"tick","data":1}') == 1
+        finally:
+            pub.close()
+        for _ in range(200):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [1]
+        assert gaps == []
+        assert bus.stats()["backend"]["reconnects"] == 0
+        await bus.close()
+
+    asyncio.run(main())

@@ -1055,6 +1055,11 @@ class RedisBackend(Backend):
         could not be published, if anything."""
         if self._closed:
             return
+        if self._pid != os.getpid():
+            # A forked child: the sockets are shared with the parent (a shutdown() would cut
+            # the parent's subscription) and the threads are the parent's. Touch nothing.
+            self._closing = self._closed = True
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._ocond:
             self._closing = True
