@@ -936,3 +936,16 @@ def test_a_forked_child_dropping_its_copy_leaves_the_parents_subscription(
         await bus.close()
 
     asyncio.run(main())
+
+
+def test_a_responder_found_gone_is_evicted_from_the_requesters_cache(redis_server: Any) -> None:
+    with Bus(redis_server.url, channel="evict") as a, Bus(redis_server.url, channel="evict") as b, \
+            Bus(redis_server.url, channel="evict") as client:
+        a.handle("work", lambda d: "A")
+        b.handle("work", lambda d: "B")
+        assert sorted(client.request("work", i, timeout=5) for i in range(2)) == ["A", "B"]
+        b.unhandle("work")
+        assert [client.request("work", i, timeout=5) for i in range(3)] == ["A", "A", "A"]
+        cache = client._backend._resp_cache  # type: ignore[attr-defined]
+        gone = f"evict:request:work:{b._backend.bus_id}".encode()  # type: ignore[attr-defined]
+        assert gone not in cache["work"][1]

@@ -975,6 +975,9 @@ class RedisBackend(Backend):
                 tried.add(ch)
                 if self._publish(ch, payload, _left(deadline)) > 0:
                     return 1
+                cached = self._resp_cache.get(name)  # gone: no later request tries it again
+                if cached is not None and ch in cached[1]:
+                    self._resp_cache[name] = (cached[0], [c for c in cached[1] if c != ch])
             if fresh:
                 return 0
             chans, fresh = self._responders(name, _left(deadline)), True
