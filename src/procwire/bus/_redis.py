@@ -162,8 +162,10 @@ def _redact(url: str) -> str:
 
 class RedisBackend(Backend):
     """See the module docstring. Options: ``channel`` (default ``procwire``; also
-    ``?channel=`` in the URL), ``max_message_size``, ``emit_timeout`` (also the socket timeout),
-    ``reconnect_max`` (longest pause between reconnection attempts)."""
+    ``?channel=`` in the URL), ``max_message_size``, ``emit_timeout`` (also the connect timeout
+    and that of idempotent commands; a written PUBLISH waits ``max(30 s, 2 x emit_timeout)``
+    for its reply and is never resent), ``reconnect_max`` (longest pause between reconnection
+    attempts)."""
 
     def __init__(self, url: str, *, channel: str = "procwire", max_message_size: int = 1 << 20,
                  emit_timeout: float | None = 5.0, reconnect_max: float = 2.0,
