@@ -104,6 +104,10 @@ class Backend(ABC):
     @abstractmethod
     def remove_responder(self, name: str, timeout: float | None) -> None: ...
 
+    def stop_responding(self, timeout: float | None) -> None:  # noqa: B027
+        """Closing: stop requests from reaching this bus (confirmed) while its handlers still
+        run, so that none arrives to be dropped; default: nothing to do."""
+
     def add_pattern(self, pattern: str, timeout: float | None) -> None:  # noqa: B027
         """A routing hint for backends that filter centrally (the broker); default: none."""
 

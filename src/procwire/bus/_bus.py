@@ -8,6 +8,7 @@ import inspect
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -74,6 +75,26 @@ def _raise_for_reply(name: str, reply: dict[str, Any]) -> Any:
             raise RemoteError(name, str(error.get("type", "Error")), str(error.get("message", "")))
         raise RemoteError(name, "Error", str(error))
     return reply.get("data")
+
+
+def _close_quietly(core: BusCore, timeout: float) -> None:
+    try:
+        core.close(timeout)
+    except Exception as exc:
+        log.error("closing an unclosed bus: %s", exc)
+
+
+def _close_in_background(core: BusCore, emit_timeout: float | None) -> None:
+    """An unclosed bus's finaliser must not block: the cyclic GC may run it on any thread,
+    including the bus's own flusher (holding the outbox lock: a blocking close deadlocks) or
+    an asyncio loop. The close (a Redis bus flushes what it queued, bounded by emit_timeout)
+    goes to a daemon thread; at exit the atexit flush covers it."""
+    timeout = 30.0 if emit_timeout is None else emit_timeout
+    if sys.is_finalizing():  # no new thread can start now (start() would hang); no GC race
+        _close_quietly(core, timeout)
+        return
+    threading.Thread(target=_close_quietly, args=(core, timeout), daemon=True,
+                     name="procwire-bus-close-unclosed").start()
 
 
 class _BusBase:
@@ -241,10 +262,15 @@ class Bus(_BusBase):
         _check_emit_name(event)
         self._check_usable()
         t = self.emit_timeout if timeout is None else timeout
-        if confirm:
-            n = self._backend.publish_confirmed(event, data, t)
-        else:
-            n = self._backend.publish(event, data, t)
+        try:
+            if confirm:
+                n = self._backend.publish_confirmed(event, data, t)
+            else:
+                n = self._backend.publish(event, data, t)
+        except ProcwireError as exc:
+            # an earlier event's failure, reported after this one was queued: count it
+            self._core.emitted += getattr(exc, "queued", 0)
+            raise
         self._core.emitted += 1
         return n
 
@@ -264,7 +290,11 @@ class Bus(_BusBase):
         for name, _ in batch:
             _check_emit_name(name)
         self._check_usable()
-        self._backend.publish_many(batch, self.emit_timeout if timeout is None else timeout)
+        try:
+            self._backend.publish_many(batch, self.emit_timeout if timeout is None else timeout)
+        except ProcwireError as exc:
+            self._core.emitted += getattr(exc, "queued", 0)
+            raise
         self._core.emitted += len(batch)
 
     def subscribe(self, pattern: str, *, maxsize: int | None = None, policy: str | None = None,
@@ -321,9 +351,13 @@ class Bus(_BusBase):
         return fn
 
     def unhandle(self, name: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        """Stop answering ``name``."""
-        if self._core.remove_responder(name) is not None:
-            self._backend.remove_responder(name, timeout)
+        """Stop answering ``name``. Requests stop reaching this bus (confirmed by the backend)
+        before the handler goes, so that none that arrives meanwhile is dropped."""
+        if self._core.has_responder(name):
+            try:
+                self._backend.remove_responder(name, timeout)
+            finally:
+                self._core.remove_responder(name)
 
     def request(self, name: str, data: Any = None, *,
                 timeout: float | None = DEFAULT_TIMEOUT) -> Any:
@@ -381,11 +415,10 @@ class Bus(_BusBase):
         core = getattr(self, "_core", None)
         if core is not None and not core.closed:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
-            try:
-                # a Redis bus may still hold queued events: give them emit_timeout (bounded)
-                self.close(timeout=30.0 if self.emit_timeout is None else self.emit_timeout)
-            except Exception as exc:
-                log.error("closing an unclosed bus: %s", exc)
+            if os.getpid() != getattr(self, "_pid", None):  # forked: the parent's threads
+                core.closed = True
+                return
+            _close_in_background(core, self.emit_timeout)
 
     def __repr__(self) -> str:
         return f"<Bus {self.url!r}{' closed' if self.closed else ''}>"
@@ -541,12 +574,17 @@ class AsyncBus(_BusBase):
         self._check_usable()
         t = self.emit_timeout if timeout is None else timeout
         n: int | None = None
-        if confirm:
-            n = await self._io(self._backend.publish_confirmed, event, data, t)
-        else:
-            n = self._backend.publish_nowait(event, data, t)
-            if n is None:
-                n = await self._io(self._backend.publish, event, data, t)
+        try:
+            if confirm:
+                n = await self._io(self._backend.publish_confirmed, event, data, t)
+            else:
+                n = self._backend.publish_nowait(event, data, t)
+                if n is None:
+                    n = await self._io(self._backend.publish, event, data, t)
+        except ProcwireError as exc:
+            # an earlier event's failure, reported after this one was queued: count it
+            self._core.emitted += getattr(exc, "queued", 0)
+            raise
         self._core.emitted += 1
         assert n is not None
         return n
@@ -564,8 +602,12 @@ class AsyncBus(_BusBase):
         for name, _ in batch:
             _check_emit_name(name)
         await self.start()
-        await self._io(self._backend.publish_many, batch,
-                       self.emit_timeout if timeout is None else timeout)
+        try:
+            await self._io(self._backend.publish_many, batch,
+                           self.emit_timeout if timeout is None else timeout)
+        except ProcwireError as exc:
+            self._core.emitted += getattr(exc, "queued", 0)
+            raise
         self._core.emitted += len(batch)
 
     async def handle(self, name: str, fn: Callable[[Any], Any], *,
@@ -610,9 +652,12 @@ class AsyncBus(_BusBase):
             raise
 
     async def unhandle(self, name: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        """Stop answering ``name``."""
-        if self._core.remove_responder(name) is not None:
-            await self._io(self._backend.remove_responder, name, timeout)
+        """See :meth:`Bus.unhandle`."""
+        if self._core.has_responder(name):
+            try:
+                await self._io(self._backend.remove_responder, name, timeout)
+            finally:
+                self._core.remove_responder(name)
 
     async def request(self, name: str, data: Any = None, *,
                       timeout: float | None = DEFAULT_TIMEOUT) -> Any:
@@ -665,11 +710,10 @@ class AsyncBus(_BusBase):
         core = getattr(self, "_core", None)
         if core is not None and not core.closed and getattr(self, "_started", False):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
-            try:
-                # a Redis bus may still hold queued events: give them emit_timeout (bounded)
-                core.close(30.0 if self.emit_timeout is None else self.emit_timeout)
-            except Exception as exc:
-                log.error("closing an unclosed bus: %s", exc)
+            if os.getpid() != getattr(self, "_pid", None):  # forked: the parent's threads
+                core.closed = True
+                return
+            _close_in_background(core, self.emit_timeout)
 
     def __repr__(self) -> str:
         return f"<AsyncBus {self.url!r}{' closed' if self.closed else ''}>"

@@ -605,6 +605,10 @@ class BusCore:
                 raise ValueError(f"this bus already handles {name!r} (unhandle it first)")
             self._responders[name] = sub
 
+    def has_responder(self, name: str) -> bool:
+        with self._lock:
+            return name in self._responders
+
     def remove_responder(self, name: str) -> Subscription | None:
         with self._lock:
             sub = self._responders.pop(name, None)
@@ -657,7 +661,20 @@ class BusCore:
         }
 
     def close(self, timeout: float | None) -> None:
-        """Close subscriptions (waking blocked deliveries), the backend, then dispatchers."""
+        """Stop requests reaching this bus (while its handlers still answer those already on
+        their way), close subscriptions (waking blocked deliveries), the backend, then
+        dispatchers."""
+        if not self.closed and self._responders:
+            try:
+                self.backend.stop_responding(timeout)
+            except Exception as exc:  # closing goes on; the backend's close drops them anyway
+                log.warning("procwire bus: closing, could not stop requests first: %s", exc)
+            # let the handlers answer the requests that arrived before (bounded: a handler
+            # may be the one closing, or stuck)
+            end = time.monotonic() + (1.0 if timeout is None else min(timeout, 1.0))
+            while time.monotonic() < end and any(
+                    r._buf or r._scheduled for r in list(self._responders.values())):
+                time.sleep(0.005)
         with self._lock:
             if self.closed:
                 return

@@ -91,6 +91,7 @@ _OUTBOX_BYTES = 64 << 20  # ... or this many bytes of commands
 _PIPELINE = 4096  # most commands in one pipelined write
 _PIPELINE_BYTES = 4 << 20
 _RESPONDERS_TTL = 1.0  # how long a requester trusts its list of a name's responders
+_READ_TIMEOUT = 30.0  # least wait for the reply to a written command (see __init__)
 
 
 def _left(deadline: float | None) -> float | None:
@@ -144,6 +145,8 @@ _decode_request = msgspec.json.Decoder(_Request).decode
 _decode_reply = msgspec.json.Decoder(_Reply).decode
 
 _CONN_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+_FLUSH_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError) + (
+    (_hiredis.HiredisError,) if _hiredis is not None else ())
 _ANY_ERRORS = (redis.RedisError, OSError)
 
 
@@ -159,8 +162,10 @@ def _redact(url: str) -> str:
 
 class RedisBackend(Backend):
     """See the module docstring. Options: ``channel`` (default ``procwire``; also
-    ``?channel=`` in the URL), ``max_message_size``, ``emit_timeout`` (also the socket timeout),
-    ``reconnect_max`` (longest pause between reconnection attempts)."""
+    ``?channel=`` in the URL), ``max_message_size``, ``emit_timeout`` (also the connect timeout
+    and that of idempotent commands; a written PUBLISH waits ``max(30 s, 2 x emit_timeout)``
+    for its reply and is never resent), ``reconnect_max`` (longest pause between reconnection
+    attempts)."""
 
     def __init__(self, url: str, *, channel: str = "procwire", max_message_size: int = 1 << 20,
                  emit_timeout: float | None = 5.0, reconnect_max: float = 2.0,
@@ -198,8 +203,15 @@ class RedisBackend(Backend):
         self._resp_cache: dict[str, tuple[float, list[bytes]]] = {}
         self._rr = itertools.count()
         sock_timeout = emit_timeout if emit_timeout else 5.0
+        # How long a written command may wait for its reply before the connection is given up:
+        # NOT emit_timeout. A Redis stall longer than the socket timeout used to make the
+        # flusher (and requests) resend commands Redis had received: duplicates, a request
+        # handled twice. A command once written is never resent after a read timeout.
+        self._read_timeout = max(_READ_TIMEOUT, 2 * sock_timeout)
+        self._sock_timeout = sock_timeout
         try:
             self._client = redis.Redis.from_url(
+                # (idempotent commands keep the short timeout; PUBLISH sets its own)
                 redis_url, socket_timeout=sock_timeout, socket_connect_timeout=sock_timeout,
                 retry=Retry(NoBackoff(), 0), health_check_interval=0,
                 # RESP2: pub/sub messages are plain replies (RESP3 turns them into push
@@ -211,6 +223,7 @@ class RedisBackend(Backend):
         self._wlock = threading.Lock()     # writes on the subscriber connection
         self._channels: set[bytes] = {self._ch, self._reply_ch}
         self._confirmed: dict[bytes, threading.Event] = {}
+        self._unconfirmed: dict[bytes, threading.Event] = {}  # UNSUBSCRIBE waiting
         self._conn: Any = None
         self._sink: Sink | None = None
         self._thread: threading.Thread | None = None
@@ -249,6 +262,7 @@ class RedisBackend(Backend):
         self._closing = False
         self._flush_conn: Any = None
         self._flush_reader: Any = None  # hiredis.Reader for the flusher's connection
+        self._flush_wrote = False  # the current pipeline's write has begun
         self.published = 0
         self.unheard = 0
         self.emit_failed = 0
@@ -266,11 +280,11 @@ class RedisBackend(Backend):
         run_id = info.get("run_id")
         return str(run_id) if run_id is not None else None
 
-    def _new_connection(self) -> Any:
+    def _new_connection(self, **override: Any) -> Any:
         """A connection of our own, outside the pool's count (the pool refuses more than
         ``max_connections`` ever made, and a long outage makes many attempts)."""
         pool = self._client.connection_pool
-        return pool.connection_class(**pool.connection_kwargs)
+        return pool.connection_class(**{**pool.connection_kwargs, **override})
 
     def _open_subscriber(self, timeout: float | None) -> Any:
         """A new connection subscribed to every channel, confirmations read."""
@@ -434,6 +448,11 @@ class RedisBackend(Backend):
                 ev = self._confirmed.get(msg[1])
             if ev is not None:
                 ev.set()
+        elif kind == b"unsubscribe":
+            with self._lock:
+                ev = self._unconfirmed.get(msg[1])
+            if ev is not None:
+                ev.set()
 
     def _bad(self, reason: str, channel: bytes, payload: bytes) -> None:
         self.bad_messages += 1
@@ -520,7 +539,41 @@ class RedisBackend(Backend):
         if not self._drain(timeout):
             raise Timeout(f"Redis at {self.url} did not confirm the events emitted before "
                           f"this message in {timeout} s; it was not sent")
-        return int(self._call(lambda: self._client.publish(channel, payload), timeout))
+        return self._publish_once(channel, payload, timeout)
+
+    def _publish_once(self, channel: bytes, payload: bytes, timeout: float | None) -> int:
+        """PUBLISH on a pool connection: connecting is retried until ``timeout``, but once the
+        command may have been written it is never resent (a request would run twice): no reply
+        in time, or the connection lost meanwhile, is ``Timeout`` (outcome unknown)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pool = self._client.connection_pool
+        conn = self._call(pool.get_connection, timeout)
+        try:
+            left = _left(deadline)
+            sock = getattr(conn, "_sock", None)
+            if sock is not None:
+                sock.settimeout(self._read_timeout if left is None else max(left, 0.001))
+            try:
+                conn.send_command("PUBLISH", channel, payload, check_health=False)
+                n = conn.read_response()
+            except redis.AuthenticationError as exc:
+                raise AuthenticationError(f"Redis at {self.url}: {exc}") from exc
+            except redis.ResponseError as exc:
+                raise ProtocolError(f"Redis at {self.url}: {exc}") from exc
+            except _ANY_ERRORS as exc:
+                conn.disconnect()
+                if self._closed:
+                    raise ChannelClosed("this bus is closed") from exc
+                raise Timeout(f"Redis at {self.url} did not confirm a PUBLISH in {timeout} s "
+                              f"({exc}); it was not resent and may have been delivered"
+                              ) from exc
+            finally:
+                sock = getattr(conn, "_sock", None)
+                if sock is not None:
+                    sock.settimeout(self._sock_timeout)
+        finally:
+            pool.release(conn)
+        return int(n)
 
     def _call(self, fn: Any, timeout: float | None) -> Any:
         """``fn()`` (one command on the pool), retried on connection errors until
@@ -549,14 +602,20 @@ class RedisBackend(Backend):
     def _event_command(self, name: str, data: Any) -> bytes:
         return _resp_publish(self._ch, self._encode({"event": name, "data": data}))
 
-    def _raise_failure(self) -> None:
-        """Raise (once) what the flusher could not publish; call with ``_ocond`` held."""
+    def _raise_failure(self, queued: int = 0) -> None:
+        """Raise (once) what the flusher could not publish; call with ``_ocond`` held.
+        ``queued``: how many events of the raising call itself were queued before (they are
+        not part of the failure: they will be published or reported like any other); the
+        exception carries it as ``.queued`` so that the caller still counts them."""
         n = self._fail_count
         if not n:
             return
         cls, reason = self._fail_cls, self._fail_reason
         self._fail_count, self._fail_cls, self._fail_reason = 0, Timeout, ""
-        raise cls(f"{n} emitted event(s) were not published: {reason}")
+        more = f" (this call's {queued} event(s) were queued)" if queued else ""
+        exc = cls(f"{n} emitted event(s) were not published: {reason}{more}")
+        exc.queued = queued  # type: ignore[attr-defined]
+        raise exc
 
     def _fail(self, items: list[_Item], cls: type[ProcwireError], reason: str) -> None:
         """Record ``items`` as not published; call with ``_ocond`` held. The first reason
@@ -572,13 +631,14 @@ class RedisBackend(Backend):
     def _enqueue(self, cmds: list[bytes], timeout: float | None, box: list[Any] | None,
                  block: bool = True) -> bool:
         """Queue ``cmds`` in order for the flusher (False: no room and ``block`` is False).
-        Raises a pending flush failure first, and ``Timeout`` when there is no room in time."""
+        Then raises a pending flush failure (of earlier events: ``cmds`` are queued first and
+        the exception's ``.queued`` says so); ``Timeout`` when there is no room in time
+        (nothing queued)."""
         size = sum(len(c) for c in cmds)
         n = len(cmds)
         with self._ocond:
             if self._closing:
                 raise ChannelClosed("this bus is closed")
-            self._raise_failure()
             out = self._out
             if out and (len(out) + n > self.outbox_max or self._out_bytes + size > _OUTBOX_BYTES):
                 if not block:
@@ -604,6 +664,7 @@ class RedisBackend(Backend):
             self._out_bytes += size
             if self._flusher_idle:
                 self._wake.notify()
+            self._raise_failure(queued=n)
         return True
 
     def publish(self, name: str, data: Any, timeout: float | None) -> int:
@@ -686,68 +747,110 @@ class RedisBackend(Backend):
             self._raise_failure()
 
     def _flush_loop(self) -> None:
-        """The flusher thread: write everything queued as one pipeline, read the replies,
-        settle in order; on a connection error retry the rest until each event's deadline."""
+        """The flusher thread. An unexpected exception (a bug) must not leave ``emit`` queueing
+        for nobody: what is queued is failed (reported by the next emit/flush/close), the
+        connection dropped, and the loop starts again."""
+        while True:
+            try:
+                self._flush_once_loop()
+                break
+            except Exception:
+                log.exception("procwire bus: the Redis flusher thread failed; restarting it")
+                self.flush_errors += 1
+                conn = self._flush_conn
+                if conn is not None:
+                    try:
+                        conn.disconnect()
+                    except Exception:  # pragma: no cover - best effort
+                        pass
+                self._flush_reader = None
+                with self._ocond:
+                    if self._out:
+                        self._fail(list(self._out), ProtocolError,
+                                   "the flusher thread failed (a bug; see the log)")
+                        self._settle_failed(len(self._out))
+                    if self._closing or self._closed:
+                        break
+                self._halt.wait(0.1)
+        if self._closed and self._pid == os.getpid():
+            # close() has already failed and reported what was left: drop our connection
+            conn = self._flush_conn
+            if conn is not None:
+                conn.disconnect()
+
+    def _flush_once_loop(self) -> None:
+        """Write everything queued as one pipeline, read the replies, settle in order; on a
+        connection error retry the rest until each event's deadline."""
         delay = 0.01
         ocond = self._ocond
-        try:
-            while True:
-                with ocond:
-                    while not self._out:
-                        if self._closing or self._closed:
-                            return
-                        self._flusher_idle = True
-                        try:
-                            self._wake.wait()
-                        finally:
-                            self._flusher_idle = False
-                    if self._halt.is_set():
-                        self._fail_rest()
-                        return
-                    first = self._settled + 1
-                    batch: list[bytes] = []
-                    size = 0
-                    for cmd, _d, _b in islice(self._out, _PIPELINE):
-                        batch.append(cmd)
-                        size += len(cmd)
-                        if size >= _PIPELINE_BYTES:
-                            break
-                results: list[Any] = []
-                error: BaseException | None = None
-                try:
-                    self._write_read(b"".join(batch), len(batch), results)
-                except _ANY_ERRORS as exc:
-                    error = exc
-                    self.flush_errors += 1
-                    if self._flush_conn is not None:  # reconnects on its next write
-                        self._flush_conn.disconnect()
-                    self._flush_reader = None
-                with ocond:
-                    self._settle(first, results)
-                    if error is None:
-                        delay = 0.01
-                        continue
-                    wait = self._expire(error)
-                if wait is None:
-                    continue
-                self._halt.wait(min(delay, wait))
-                delay = min(delay * 2, 0.25)
-        except Exception:  # a bug: say so rather than leave emitters waiting silently
-            log.exception("procwire bus: the Redis flusher thread failed")
+        while True:
             with ocond:
-                self._fail(list(self._out), ProtocolError, "the flusher thread failed (a bug)")
-                self._settle_failed(len(self._out))
+                while not self._out:
+                    if self._closing or self._closed:
+                        return
+                    self._flusher_idle = True
+                    try:
+                        self._wake.wait()
+                    finally:
+                        self._flusher_idle = False
+                if self._halt.is_set():
+                    self._fail_rest()
+                    return
+                first = self._settled + 1
+                batch: list[bytes] = []
+                size = 0
+                for cmd, _d, _b in islice(self._out, _PIPELINE):
+                    batch.append(cmd)
+                    size += len(cmd)
+                    if size >= _PIPELINE_BYTES:
+                        break
+            results: list[Any] = []
+            error: BaseException | None = None
+            self._flush_wrote = False
+            try:
+                self._write_read(b"".join(batch), len(batch), results)
+            except _FLUSH_ERRORS as exc:
+                error = exc
+                self.flush_errors += 1
+                if self._flush_conn is not None:  # reconnects on its next write
+                    self._flush_conn.disconnect()
+                self._flush_reader = None
+            if self._closed:
+                return  # close() failed and reported this batch: discard it
+            with ocond:
+                self._settle(first, results)
+                if error is None:
+                    delay = 0.01
+                    continue
+                if self._flush_wrote and isinstance(error, (TimeoutError,
+                                                            redis.TimeoutError)):
+                    # Written, then no reply within the read timeout: Redis may have
+                    # published them; resending could duplicate. Report, do not resend.
+                    unanswered = first + len(batch) - 1 - self._settled
+                    if unanswered > 0:
+                        items = list(islice(self._out, unanswered))
+                        self._fail(items, Timeout, (
+                            f"Redis at {self.url} did not answer within "
+                            f"{self._read_timeout} s; not resent, they may have been "
+                            "delivered (outcome unknown)"))
+                        self._settle_failed(unanswered)
+                wait = self._expire(error)
+            if wait is None:
+                continue
+            self._halt.wait(min(delay, wait))
+            delay = min(delay * 2, 0.25)
 
     def _write_read(self, data: bytes, n: int, results: list[Any]) -> None:
         """Send one pipeline on the flusher's connection and append its ``n`` replies (an
         error reply as an exception object) to ``results``, also when failing halfway."""
         conn = self._flush_conn
         if conn is None:
-            conn = self._flush_conn = self._new_connection()
+            conn = self._flush_conn = self._new_connection(socket_timeout=self._read_timeout)
         if conn._sock is None:
             conn.connect()  # AUTH, SELECT, TLS: redis-py's part
             self._flush_reader = None
         sock = conn._sock
+        self._flush_wrote = True  # from here on the pipeline may have reached Redis
         if _hiredis is None:  # pragma: no cover - hiredis comes with procwire[redis]
             conn.send_packed_command([data], check_health=False)
             for _ in range(n):
@@ -760,7 +863,10 @@ class RedisBackend(Backend):
         # per-reply read_response costs more CPU than the rest of an emit.
         reader = self._flush_reader
         if reader is None:
-            reader = self._flush_reader = _hiredis.Reader()
+            # protocolError: a malformed reply is a redis.InvalidResponse (a connection error
+            # here: reconnect), not a hiredis.ProtocolError that would escape the flusher
+            reader = self._flush_reader = _hiredis.Reader(
+                protocolError=redis.InvalidResponse, replyError=redis.ResponseError)
         sock.sendall(data)
         gets, feed, recv = reader.gets, reader.feed, sock.recv
         while len(results) < n:
@@ -871,6 +977,9 @@ class RedisBackend(Backend):
                 tried.add(ch)
                 if self._publish(ch, payload, _left(deadline)) > 0:
                     return 1
+                cached = self._resp_cache.get(name)  # gone: no later request tries it again
+                if cached is not None and ch in cached[1]:
+                    self._resp_cache[name] = (cached[0], [c for c in cached[1] if c != ch])
             if fresh:
                 return 0
             chans, fresh = self._responders(name, _left(deadline)), True
@@ -899,11 +1008,42 @@ class RedisBackend(Backend):
                           f"{timeout} s")
 
     def remove_responder(self, name: str, timeout: float | None) -> None:
-        ch = self._req_prefix + name.encode() + self._req_suffix
+        """UNSUBSCRIBE, confirmed: requests already on their way arrive before the
+        confirmation (same connection, in order), so the caller's handler still answers them."""
+        self._unsubscribe([self._req_prefix + name.encode() + self._req_suffix], timeout)
+
+    def stop_responding(self, timeout: float | None) -> None:
         with self._lock:
-            self._channels.discard(ch)
-            self._confirmed.pop(ch, None)
-        self._send_sub("UNSUBSCRIBE", ch)
+            chans = [c for c in self._channels
+                     if c.startswith(self._req_prefix) and c.endswith(self._req_suffix)]
+        if chans:
+            self._unsubscribe(chans, timeout)
+
+    def _unsubscribe(self, chans: list[bytes], timeout: float | None) -> None:
+        waits = []
+        with self._lock:
+            for ch in chans:
+                self._channels.discard(ch)
+                self._confirmed.pop(ch, None)
+                ev = self._unconfirmed[ch] = threading.Event()
+                waits.append(ev)
+        try:
+            if not self._up.is_set():
+                return  # reconnecting: the new subscription leaves them out
+            self._send_sub("UNSUBSCRIBE", *chans)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for ev in waits:
+                while not ev.wait(0.05):
+                    if not self._up.is_set() or self._closed:
+                        return  # the connection went: so did the subscription
+                    left = _left(deadline)
+                    if left is not None and left <= 0:
+                        raise Timeout(f"Redis at {self.url} did not confirm UNSUBSCRIBE "
+                                      f"in {timeout} s")
+        finally:
+            with self._lock:
+                for ch in chans:
+                    self._unconfirmed.pop(ch, None)
 
     def stats(self) -> dict[str, Any]:
         return {"backend": "redis", "url": self.url, "channel": self.channel,
@@ -919,6 +1059,11 @@ class RedisBackend(Backend):
         """Flush the outbox (up to ``timeout``), stop the threads, disconnect; then raise what
         could not be published, if anything."""
         if self._closed:
+            return
+        if self._pid != os.getpid():
+            # A forked child: the sockets are shared with the parent (a shutdown() would cut
+            # the parent's subscription) and the threads are the parent's. Touch nothing.
+            self._closing = self._closed = True
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._ocond:
@@ -960,6 +1105,8 @@ class RedisBackend(Backend):
             fconn.disconnect()
         self._client.close()
         with self._ocond:
-            if flusher is None or not flusher.is_alive():
-                self._fail_rest()
+            # Everything past the settled mark fails now, whether or not the flusher has
+            # exited (it may sit in a connect() to a host that drops SYNs): it discards its
+            # batch when it comes back, and close() reports them, not a later nobody.
+            self._fail_rest()
             self._raise_failure()
