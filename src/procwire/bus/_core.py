@@ -54,6 +54,14 @@ def _wake_future(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _wake_async(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
+    for loop, fut in waiters:
+        try:
+            loop.call_soon_threadsafe(_wake_future, fut)
+        except RuntimeError:  # that loop is closed: nobody waits any more
+            pass
+
+
 class Subscription:
     """A bounded buffer of events matching ``pattern``, filled by the bus.
 
@@ -148,11 +156,7 @@ class Subscription:
                 self._not_empty.notify_all() if overflow else self._not_empty.notify()
             if self._async_waiters:
                 waiters, self._async_waiters = self._async_waiters, []
-        for loop, fut in waiters:
-            try:
-                loop.call_soon_threadsafe(_wake_future, fut)
-            except RuntimeError:  # that loop is closed: nobody waits any more
-                pass
+        _wake_async(waiters)
         if overflow:
             self._core._overflowed(self)
             if self._dispatcher is not None:  # a handler: nobody else will see the error
@@ -187,11 +191,7 @@ class Subscription:
             for item in items:
                 self._put(item)
             return
-        for loop, fut in waiters:
-            try:
-                loop.call_soon_threadsafe(_wake_future, fut)
-            except RuntimeError:  # that loop is closed: nobody waits any more
-                pass
+        _wake_async(waiters)
         if wake:
             assert self._dispatcher is not None
             self._dispatcher.enqueue(self)
