@@ -63,6 +63,7 @@ __all__ = [
     "Settings",
     "main",
     "run",
+    "run_node_json",
     "select",
 ]
 
@@ -1252,23 +1253,25 @@ def _measure_node(spec: _Spec) -> dict[str, Any]:
     else:
         args = ["tput", str(spec.size), str(s.count_for(spec.method, spec.size))]
         args.append(str(s.tput_seconds))
-    # A session of its own, so a timeout can kill Node's forked child along with it.
-    proc = subprocess.Popen(
-        [node, str(NODE_SCRIPT), *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    return run_node_json([node, str(NODE_SCRIPT), *args], s.measurement_timeout())
+
+
+def run_node_json(cmd: Sequence[str], timeout: float) -> dict[str, Any]:
+    """Run a Node benchmark script and return the JSON object on its last line of output.
+
+    The script runs in a session of its own, so a timeout kills Node's forked children along
+    with it; a non-zero exit raises ``RuntimeError`` with the end of its stderr."""
+    proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=s.measurement_timeout())
+        out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     if proc.returncode != 0:
-        raise _ChildFailed(f"node exited {proc.returncode}: {err.decode(errors='replace')[-300:]}")
+        raise RuntimeError(f"node exited {proc.returncode}: {err.decode(errors='replace')[-300:]}")
     result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
     return result
 

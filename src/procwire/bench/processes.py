@@ -63,6 +63,7 @@ from typing import Any
 
 import procwire.cluster as pc
 import procwire.process as pp
+from procwire.bench.channels import run_node_json
 
 NODE_SCRIPT = Path(__file__).with_name("node_fork_bench.js")
 SIZE = 64
@@ -301,20 +302,7 @@ def run_mp_pipe(settings: dict[str, Any]) -> dict[str, float]:
 
 def _node_json(node: str, args: list[str], timeout: float,
                script: Path = NODE_SCRIPT) -> dict[str, Any]:
-    proc = subprocess.Popen([node, str(script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"node exited {proc.returncode}: {err.decode(errors='replace')}")
-    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    return result
+    return run_node_json([node, str(script), *args], timeout)
 
 
 def run_node_fork(settings: dict[str, Any]) -> dict[str, float]:

@@ -142,9 +142,12 @@ def huey_put(path: str, n: int, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def _huey_consumer(path: str, batch: int, mode: str, barrier: Any, conn: Any) -> None:
-    SqliteStorage = _mod("huey.storage").SqliteStorage
-    s = SqliteStorage("bench", filename=path)
+def _huey_consumer(where: str, batch: int, mode: str, barrier: Any, conn: Any) -> None:
+    """Dequeue until empty from huey's SQLite storage (a path) or Redis storage (a URL)."""
+    if where.startswith("redis"):
+        s = _huey_redis(where)
+    else:
+        s = _mod("huey.storage").SqliteStorage("bench", filename=where)
     done = 0
     barrier.wait()
     t0 = time.time()
@@ -301,21 +304,11 @@ def huey_redis_put(url: str, n: int, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def _huey_redis_consumer(url: str, batch: int, mode: str, barrier: Any, conn: Any) -> None:
-    s = _huey_redis(url)
-    done = 0
-    barrier.wait()
-    t0 = time.time()
-    while s.dequeue() is not None:
-        done += 1
-    conn.send((t0, time.time(), done))
-
-
 def huey_redis_get(url: str, n: int, batch: int, procs: int) -> float:
     s = _huey_redis(url)
     for i in range(n):
         s.enqueue(json.dumps(_payload(i)).encode())
-    return _run_consumers(_huey_redis_consumer, (url, 1, "loop"), procs, n)
+    return _run_consumers(_huey_consumer, (url, 1, "loop"), procs, n)
 
 
 # -- runner -------------------------------------------------------------------------------------
