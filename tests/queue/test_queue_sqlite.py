@@ -6,6 +6,8 @@ from __future__ import annotations
 import gc
 import os
 import sqlite3
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -45,12 +47,12 @@ def test_wal_and_synchronous(tmp_path: Path) -> None:
         q.put(1)
         backend = q.backend
         assert isinstance(backend, SqliteBackend)
-        conn = backend._conn(5)
+        conn = backend._conn()
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     with Queue("x", f"sqlite:///{tmp_path}/q.db") as q:
         q.stats()
-        assert q.backend._conn(5).execute(  # type: ignore[attr-defined]
+        assert q.backend._conn().execute(  # type: ignore[attr-defined]
             "PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
@@ -71,6 +73,33 @@ def test_locked_store_raises_timeout(tmp_path: Path) -> None:
         assert job is not None and job.data == "before"
         job.ack()
 
+
+
+def test_waits_for_the_lock_longer_than_one_busy_slice(tmp_path: Path) -> None:
+    """A connection's busy_timeout is one short slice (BUSY_SLICE_MS); a call with a longer
+    timeout keeps trying, so a lock held for many slices delays it but does not fail it."""
+    from procwire.queue._sqlite import BUSY_SLICE_MS
+
+    path = tmp_path / "q.db"
+    with Queue("x", f"sqlite:///{path}") as q:
+        q.put("first")
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        hold = 10 * BUSY_SLICE_MS / 1000
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            timer = threading.Timer(hold, other.execute, ("ROLLBACK",))
+            timer.start()
+            t0 = time.monotonic()
+            q.put("second", timeout=30)
+            waited = time.monotonic() - t0
+            timer.join()
+        finally:
+            other.close()
+        assert waited >= hold * 0.9  # it really waited for the lock, over many slices
+        for want in ("first", "second"):
+            job = q.get(timeout=5)
+            assert job is not None and job.data == want
+            job.ack()
 
 def test_corrupt_row_goes_to_dead_letters(tmp_path: Path) -> None:
     with Queue("x", f"sqlite:///{tmp_path}/q.db") as q:
@@ -185,7 +214,7 @@ def test_fsynced_commits_under_full(tmp_path: Path) -> None:
     # SQLite's statement trace of this thread's connection.
     with Queue("x", f"sqlite:///{tmp_path}/q.db", backoff=0) as q:
         q.stats()
-        conn = q.backend._conn(5)  # type: ignore[attr-defined]
+        conn = q.backend._conn()  # type: ignore[attr-defined]
         trace: list[str] = []
         conn.set_trace_callback(trace.append)
         try:

@@ -151,7 +151,7 @@ def test_claim_and_sweep_walk_the_per_state_indexes(tmp_path: Path) -> None:
     # falls back to a table scan would make every claim O(all jobs).
     with Queue("x", f"sqlite:///{tmp_path}/q.db") as q:
         q.put_many(range(50))
-        conn = q.backend._conn(5)  # type: ignore[attr-defined]
+        conn = q.backend._conn()  # type: ignore[attr-defined]
 
         def plan(sql: str, params: object) -> str:
             return " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))

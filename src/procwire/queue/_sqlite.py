@@ -17,6 +17,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -30,7 +31,14 @@ __all__ = ["SqliteBackend", "default_path", "open_backend"]
 
 READY, DELAYED, LEASED, DEAD = 0, 1, 2, 3
 
-NOW = "SELECT (julianday('now') - 2440587.5) * 86400.0"
+NOW_SQL = "(julianday('now') - 2440587.5) * 86400.0"
+NOW = f"SELECT {NOW_SQL}"
+
+# Every wait for the write lock is cut into slices of this many seconds (each connection's fixed
+# busy_timeout): a slice that ends without the lock is tried again until the caller's deadline.
+# Setting busy_timeout to each call's own timeout instead costs a statement on most calls (a
+# get and an ack have different timeouts); a deadline is kept to within one slice.
+BUSY_SLICE_MS = 20
 
 # The layout version this code writes (the ``procwire_schema`` table). 1 was the first layout
 # (two indexes over every job: a claim moved each job within both); 2 keeps one small partial
@@ -102,6 +110,14 @@ WHERE id IN (
                                 WHERE queue = :q AND grp = j.grp AND state < {DEAD}))
     ORDER BY priority DESC, id LIMIT :n)
 RETURNING id, data, attempts, enqueued_at, priority, dkey, grp, visible_at
+"""
+
+# A claim's first statement: the time, and when the next delayed job and lease are due (each an
+# index seek), so the sweeps run only when something is due.
+CLAIM_START = f"""
+SELECT {NOW_SQL},
+    (SELECT min(visible_at) FROM procwire_jobs WHERE queue = :q AND state = {DELAYED}),
+    (SELECT min(visible_at) FROM procwire_jobs WHERE queue = :q AND state = {LEASED})
 """
 
 # When the next delayed job or lease is due (each half walks its own index).
@@ -193,7 +209,7 @@ class SqliteBackend(Backend):
         self.notifier = Notifier(self.path + "-wake", name)
 
     # -- connections ----------------------------------------------------------------------
-    def _conn(self, timeout: float) -> sqlite3.Connection:
+    def _conn(self) -> sqlite3.Connection:
         if self._closed:
             raise QueueError("the queue is closed")
         if self._pid != os.getpid():
@@ -207,14 +223,9 @@ class SqliteBackend(Backend):
         if conn is None:
             conn = self._open()
             self._local.conn = conn
-            self._local.busy = -1
             self._local.sync = self.synchronous  # what _open set
             with self._lock:
                 self._conns.append(conn)
-        ms = max(1, int(timeout * 1000))
-        if self._local.busy != ms:
-            conn.execute(f"PRAGMA busy_timeout = {ms}")
-            self._local.busy = ms
         return conn
 
     def _open(self) -> sqlite3.Connection:
@@ -240,6 +251,7 @@ class SqliteBackend(Backend):
                     conn.execute("ROLLBACK")
                     raise
                 self._ready = True
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
         except BaseException as exc:
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
@@ -275,22 +287,25 @@ class SqliteBackend(Backend):
         conn.execute("INSERT OR IGNORE INTO procwire_counters(queue) VALUES (?)", (self.name,))
 
     @contextlib.contextmanager
-    def _write(self, timeout: float, *,
-               lease_only: bool = False) -> Iterator[tuple[sqlite3.Connection, float]]:
+    def _write(self, timeout: float, *, lease_only: bool = False) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: committed when the block ends, rolled back on error.
-        ``lease_only``: the transaction only takes or extends leases (see LEASE_SYNC)."""
-        conn = self._conn(timeout)
+        Waits up to ``timeout`` for the write lock (then ``Timeout``). ``lease_only``: the
+        transaction only takes or extends leases (see LEASE_SYNC)."""
+        conn = self._conn()
         level = self._lease_sync if lease_only else self.synchronous
         if self._local.sync != level:  # only between transactions; a C call of ~2 us
             conn.execute(f"PRAGMA synchronous = {level}")
             self._local.sync = level
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.Error as exc:
+                if not _busy(exc) or time.monotonic() >= deadline:
+                    raise _translate(exc, self.path) from exc
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from exc
-        try:
-            now = conn.execute(NOW).fetchone()[0]
-            yield conn, now
+            yield conn
             conn.execute("COMMIT")
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -300,22 +315,27 @@ class SqliteBackend(Backend):
             raise
 
     def _read(self, fn: Callable[[sqlite3.Connection, float], T], timeout: float) -> T:
-        conn = self._conn(timeout)
-        try:
-            conn.execute("BEGIN")
+        """``fn(conn, now)`` in a read transaction, tried again while the file is busy (WAL
+        readers rarely are) until ``timeout``."""
+        conn = self._conn()
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                now = conn.execute(NOW).fetchone()[0]
-                return fn(conn, now)
-            finally:
-                conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from exc
+                conn.execute("BEGIN")
+                try:
+                    return fn(conn, _now(conn))
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if not _busy(exc) or time.monotonic() >= deadline:
+                    raise _translate(exc, self.path) from exc
 
     # -- state changes --------------------------------------------------------------------
     def put_many(self, items: list[NewJob], timeout: float) -> list[int]:
         ids: list[int] = []
         inserted = 0
-        with self._write(timeout) as (conn, now):
+        with self._write(timeout) as conn:
+            now = _now(conn)
             for it in items:
                 cur = conn.execute(
                     "INSERT INTO procwire_jobs(queue, state, priority, visible_at, enqueued_at,"
@@ -337,40 +357,53 @@ class SqliteBackend(Backend):
             self.notifier.notify()
         return ids
 
-    def _sweep(self, conn: sqlite3.Connection, now: float) -> None:
+    def _sweep(self, conn: sqlite3.Connection, now: float, delayed: float | None,
+               leased: float | None) -> bool:
+        """Make due delayed jobs ready and expired leases ready (or dead on their last
+        attempt). ``delayed`` and ``leased``: the earliest due times (None: none). Returns
+        whether anything was due."""
         q = self.name
-        conn.execute(f"UPDATE procwire_jobs SET state = {READY} WHERE queue = ? AND "
-                     f"state = {DELAYED} AND visible_at <= ?", (q, now))
-        dead = conn.execute(
-            f"UPDATE procwire_jobs SET state = {DEAD}, dead_at = ?, token = NULL,"
-            f" error = 'lease expired on the last attempt (' || attempts || ')'"
-            f" WHERE queue = ? AND state = {LEASED} AND visible_at <= ?"
-            f" AND attempts >= max_attempts", (now, q, now)).rowcount
-        # The token stays: the late holder may still ack (nobody else has the job yet).
-        back = conn.execute(
-            f"UPDATE procwire_jobs SET state = {READY}, error = 'lease expired'"
-            f" WHERE queue = ? AND state = {LEASED} AND visible_at <= ?", (q, now)).rowcount
-        if dead or back:
-            conn.execute("UPDATE procwire_counters SET expired = expired + ?,"
-                         " failed = failed + ? WHERE queue = ?", (dead + back, dead, q))
+        swept = False
+        if delayed is not None and delayed <= now:
+            conn.execute(f"UPDATE procwire_jobs SET state = {READY} WHERE queue = ? AND "
+                         f"state = {DELAYED} AND visible_at <= ?", (q, now))
+            swept = True
+        if leased is not None and leased <= now:
+            dead = conn.execute(
+                f"UPDATE procwire_jobs SET state = {DEAD}, dead_at = ?, token = NULL,"
+                f" error = 'lease expired on the last attempt (' || attempts || ')'"
+                f" WHERE queue = ? AND state = {LEASED} AND visible_at <= ?"
+                f" AND attempts >= max_attempts", (now, q, now)).rowcount
+            # The token stays: the late holder may still ack (nobody else has the job yet).
+            back = conn.execute(
+                f"UPDATE procwire_jobs SET state = {READY}, error = 'lease expired'"
+                f" WHERE queue = ? AND state = {LEASED} AND visible_at <= ?", (q, now)).rowcount
+            if dead or back:
+                conn.execute("UPDATE procwire_counters SET expired = expired + ?,"
+                             " failed = failed + ? WHERE queue = ?", (dead + back, dead, q))
+            swept = True
+        return swept
 
     def claim(self, n: int, lease: float, token: int, timeout: float,
               ack: list[tuple[int, int]] | None = None) -> ClaimResult:
         result = ClaimResult([])
         notify = False
-        with self._write(timeout, lease_only=not ack) as (conn, now):
+        with self._write(timeout, lease_only=not ack) as conn:
             if ack:
                 result.lost, notify = self._ack(conn, ack)
             if n > 0:
-                self._sweep(conn, now)
+                now, delayed, leased = conn.execute(CLAIM_START, {"q": self.name}).fetchone()
+                swept = self._sweep(conn, now, delayed, leased)
                 rows = conn.execute(CLAIM, {"token": token, "now": now, "lease": lease,
                                             "q": self.name, "n": n}).fetchall()
                 rows.sort(key=lambda r: (-r[4], r[0]))
                 result.jobs = [RawJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], token, r[7])
                                for r in rows]
                 if not rows:
-                    dues = [d for (d,) in conn.execute(NEXT_DUE, (self.name, self.name))
-                            if d is not None]
+                    if swept:  # the due times moved
+                        delayed, leased = (d for (d,) in conn.execute(
+                            NEXT_DUE, (self.name, self.name)))
+                    dues = [d for d in (delayed, leased) if d is not None]
                     if dues:
                         result.next_due = max(0.0, min(dues) - now)
         if notify:
@@ -405,7 +438,7 @@ class SqliteBackend(Backend):
         return lost, grouped
 
     def ack_many(self, pairs: list[tuple[int, int]], timeout: float) -> list[int]:
-        with self._write(timeout) as (conn, _now):
+        with self._write(timeout) as conn:
             lost, notify = self._ack(conn, pairs)
         if notify:
             self.notifier.notify()
@@ -413,7 +446,8 @@ class SqliteBackend(Backend):
 
     def nack(self, id: int, token: int, delay: float, error: str | None,
              timeout: float) -> bool:
-        with self._write(timeout) as (conn, now):
+        with self._write(timeout) as conn:
+            now = _now(conn)
             row = conn.execute(
                 f"UPDATE procwire_jobs SET token = NULL, error = ?,"
                 f" state = CASE WHEN attempts >= max_attempts THEN {DEAD}"
@@ -433,7 +467,8 @@ class SqliteBackend(Backend):
     def extend_many(self, pairs: list[tuple[int, int]], seconds: float,
                     timeout: float) -> list[int]:
         lost: list[int] = []
-        with self._write(timeout, lease_only=True) as (conn, now):
+        with self._write(timeout, lease_only=True) as conn:
+            now = _now(conn)
             for id_, token in pairs:
                 # Still ours even if the lease ran out, as long as nobody was granted it since.
                 cur = conn.execute(
@@ -445,7 +480,8 @@ class SqliteBackend(Backend):
         return lost
 
     def fail(self, id: int, token: int | None, reason: str, timeout: float) -> bool:
-        with self._write(timeout) as (conn, now):
+        with self._write(timeout) as conn:
+            now = _now(conn)
             cur = conn.execute(
                 f"UPDATE procwire_jobs SET state = {DEAD}, token = NULL, error = ?,"
                 f" dead_at = ? WHERE id = ? AND queue = ? AND state < {DEAD}"
@@ -458,7 +494,7 @@ class SqliteBackend(Backend):
         return ok
 
     def release(self, id: int, token: int, timeout: float) -> bool:
-        with self._write(timeout) as (conn, _now):
+        with self._write(timeout) as conn:
             cur = conn.execute(
                 f"UPDATE procwire_jobs SET state = {READY}, token = NULL,"
                 f" attempts = max(attempts - 1, 0) WHERE id = ? AND token = ? AND queue = ?"
@@ -493,7 +529,8 @@ class SqliteBackend(Backend):
         return self._read(run, timeout)
 
     def requeue_dead(self, ids: list[int] | None, timeout: float) -> int:
-        with self._write(timeout) as (conn, now):
+        with self._write(timeout) as conn:
+            now = _now(conn)
             sql = (f"UPDATE procwire_jobs SET state = {READY}, attempts = 0, dead_at = NULL,"
                    f" token = NULL, visible_at = ? WHERE queue = ? AND state = {DEAD}")
             if ids is None:
@@ -506,7 +543,7 @@ class SqliteBackend(Backend):
         return n
 
     def purge(self, dead_only: bool, timeout: float) -> int:
-        with self._write(timeout) as (conn, _now):
+        with self._write(timeout) as conn:
             # One statement per state: each walks its own index, not the whole table.
             states = (DEAD,) if dead_only else (READY, DELAYED, LEASED, DEAD)
             return sum(int(conn.execute(f"DELETE FROM procwire_jobs WHERE queue = ? AND"
@@ -515,7 +552,7 @@ class SqliteBackend(Backend):
 
     def execute(self, sql: str, params: Any = ()) -> list[Any]:
         """Run one statement in a write transaction (tests and repairs)."""
-        with self._write(30.0) as (conn, _now):
+        with self._write(30.0) as conn:
             return conn.execute(sql, params).fetchall()
 
     # -- wake-ups -------------------------------------------------------------------------
@@ -543,8 +580,19 @@ class SqliteBackend(Backend):
             _ABANDONED.extend(conns)
 
 
+def _now(conn: sqlite3.Connection) -> float:
+    """The store's clock (UNIX seconds), as every process sees it."""
+    return float(conn.execute(NOW).fetchone()[0])
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """The lock stayed taken for a whole busy_timeout (SQLITE_BUSY or SQLITE_LOCKED)."""
+    text = str(exc)
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
 def _translate(exc: sqlite3.Error, path: str) -> Exception:
     text = str(exc)
-    if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+    if _busy(exc):
         return Timeout(f"{path}: the database stayed locked for the whole timeout ({text})")
     return QueueError(f"{path}: {type(exc).__name__}: {text}")
