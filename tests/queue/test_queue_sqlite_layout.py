@@ -34,7 +34,8 @@ def _version(path: Path) -> list[tuple[int]]:
 
 
 NEW_INDEXES = {"procwire_jobs_ready", "procwire_jobs_delayed", "procwire_jobs_leased",
-               "procwire_jobs_dead", "procwire_jobs_group", "procwire_jobs_key"}
+               "procwire_jobs_dead", "procwire_jobs_group", "procwire_jobs_group_leased",
+               "procwire_jobs_key"}
 
 
 @pytest.fixture

@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS procwire_schema (
 );
 """
 
-# Layout 2's indexes. Every query that uses one names its state as a literal (``state = 0``),
+# Layout 2's indexes (procwire_jobs_group_leased came later; every open creates what is
+# missing, and code without it ignores it, so the layout version stayed 2). Every query that uses one names its state as a literal (``state = 0``),
 # which is what lets SQLite pick a partial index.
 INDEXES = f"""
 CREATE INDEX IF NOT EXISTS procwire_jobs_ready
@@ -90,6 +91,8 @@ CREATE INDEX IF NOT EXISTS procwire_jobs_dead
     ON procwire_jobs(queue, id) WHERE state = {DEAD};
 CREATE INDEX IF NOT EXISTS procwire_jobs_group
     ON procwire_jobs(queue, grp, id) WHERE grp IS NOT NULL;
+CREATE INDEX IF NOT EXISTS procwire_jobs_group_leased
+    ON procwire_jobs(queue, grp) WHERE grp IS NOT NULL AND state = {LEASED};
 CREATE UNIQUE INDEX IF NOT EXISTS procwire_jobs_key
     ON procwire_jobs(queue, dkey) WHERE dkey IS NOT NULL;
 """
@@ -99,15 +102,20 @@ CREATE UNIQUE INDEX IF NOT EXISTS procwire_jobs_key
 OLD_INDEXES = ("procwire_jobs_claim", "procwire_jobs_due")
 
 # Only a group's oldest live job may be leased, and only when none of the group is leased:
-# the subquery finds that oldest job (dead ones do not hold the group up).
+# the first subquery finds that oldest job (dead ones do not hold the group up); the second
+# is needed once a dead job is requeued while a later job of its group is leased (the
+# requeued one is then the oldest, and waits for the leased one: its own small index).
 CLAIM = f"""
 UPDATE procwire_jobs SET state = {LEASED}, token = :token, attempts = attempts + 1,
     visible_at = :now + :lease
 WHERE id IN (
     SELECT id FROM procwire_jobs AS j
     WHERE queue = :q AND state = {READY}
-      AND (grp IS NULL OR id = (SELECT min(id) FROM procwire_jobs
-                                WHERE queue = :q AND grp = j.grp AND state < {DEAD}))
+      AND (grp IS NULL OR (id = (SELECT min(id) FROM procwire_jobs
+                                 WHERE queue = :q AND grp = j.grp AND state < {DEAD})
+                           AND NOT EXISTS (SELECT 1 FROM procwire_jobs
+                                           WHERE queue = :q AND grp = j.grp
+                                             AND state = {LEASED})))
     ORDER BY priority DESC, id LIMIT :n)
 RETURNING id, data, attempts, enqueued_at, priority, dkey, grp, visible_at
 """
