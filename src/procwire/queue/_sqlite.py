@@ -78,8 +78,9 @@ CREATE TABLE IF NOT EXISTS procwire_schema (
 """
 
 # Layout 2's indexes (procwire_jobs_group_leased came later; every open creates what is
-# missing, and code without it ignores it, so the layout version stayed 2). Every query that uses one names its state as a literal (``state = 0``),
-# which is what lets SQLite pick a partial index.
+# missing, and code without it ignores it, so the layout version stayed 2). Every query that
+# uses one names its state as a literal (``state = 0``), which is what lets SQLite pick a
+# partial index.
 INDEXES = f"""
 CREATE INDEX IF NOT EXISTS procwire_jobs_ready
     ON procwire_jobs(queue, priority DESC, id) WHERE state = {READY};
