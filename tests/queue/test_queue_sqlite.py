@@ -266,3 +266,32 @@ def test_fsynced_commits_under_full(tmp_path: Path) -> None:
     assert {frozenset({"claim"}), frozenset({"extend"}), frozenset({"put"}),
             frozenset({"ack"}), frozenset({"nack"}), frozenset({"fail"}),
             frozenset({"requeue"}), frozenset({"ack", "claim"})} <= seen, seen
+
+
+def test_process_acks_again_when_the_store_stayed_locked(tmp_path: Path) -> None:
+    """q.process() acks a job in the next claim's transaction; when the store stays locked
+    past that claim's wait, the ack was not applied: it is sent again, counted once, and the
+    job does not stay leased."""
+    path = tmp_path / "q.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    timers: list[threading.Timer] = []
+    try:
+        with Queue("x", f"sqlite:///{path}", lease=60) as q:
+            q.put("only")
+
+            def fn(data: str) -> None:
+                # Take the write lock as fn returns and hold it past the next claim's wait
+                # (0.5 s), so the claim carrying this job's ack times out.
+                other.execute("BEGIN IMMEDIATE")
+                timer = threading.Timer(1.5, other.execute, ("ROLLBACK",))
+                timers.append(timer)
+                timer.start()
+
+            result = q.process(fn, idle_timeout=3)
+            assert (result.acked, result.lost, result.failed) == (1, 0, 0)
+            stats = q.stats()
+            assert (stats.leased, stats.ready, stats.acked) == (0, 0, 1)
+    finally:
+        for t in timers:
+            t.join()
+        other.close()

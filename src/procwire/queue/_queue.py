@@ -309,7 +309,10 @@ class Queue:
 
     def _get(self, n: int, timeout: float | None, lease: float | None,
              ack: list[tuple[int, int]] | None = None,
-             lost_out: list[int] | None = None) -> list[Job]:
+             acked_out: list[list[int]] | None = None) -> list[Job]:
+        """``ack``: (id, token) pairs acked in the first claim's transaction; when that claim
+        went through, the ids whose lease was lost are appended to ``acked_out`` as one list
+        (nothing is appended when the store stayed locked: the ack was not applied)."""
         lease_s = self.lease if lease is None else _check_lease(lease)
         if timeout is not None:
             _check_delay(timeout)
@@ -326,8 +329,8 @@ class Queue:
                 if remaining is None:
                     raise
                 return []  # the store stayed locked past our deadline: nothing came
-            if ack and lost_out is not None:
-                lost_out.extend(lost)
+            if ack and acked_out is not None:
+                acked_out.append(lost)
             ack = None
             if jobs:
                 return jobs
@@ -529,19 +532,19 @@ class _Runner:
             while not self.stop.is_set():
                 if not self._reserve():
                     break
-                lost: list[int] = []
+                acked: list[list[int]] = []
                 ack = [(pending.id, pending._token)] if pending is not None else None
                 wait = 0.5
                 if self.idle is not None:
                     wait = max(0.0, min(wait, self.idle - (time.monotonic() - idle_since)))
                 try:
-                    jobs = self.q._get(1, wait, self.lease, ack, lost)
+                    jobs = self.q._get(1, wait, self.lease, ack, acked)
                 except BaseException:
                     with self.lock:
                         self.taken -= 1
                     raise
-                if pending is not None:
-                    self._count("lost" if lost else "acked")
+                if pending is not None and acked:  # else the store stayed locked: ack again
+                    self._count("lost" if acked[0] else "acked")
                     pending = None
                 if not jobs:
                     with self.lock:
