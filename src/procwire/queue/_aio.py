@@ -248,9 +248,11 @@ class AsyncQueue:
             else:
                 await self._call(fn, arg)
 
+        halt = asyncio.Event()  # one worker failed: the others finish their job and stop
+
         async def worker() -> None:
             idle_since = time.monotonic()
-            while not stop.is_set():
+            while not stop.is_set() and not halt.is_set():
                 if max_jobs is not None and state["taken"] >= max_jobs:
                     return
                 state["taken"] += 1
@@ -284,8 +286,27 @@ class AsyncQueue:
                 except LeaseLost:
                     result.lost += 1
 
+        async def guarded() -> None:
+            try:
+                await worker()
+            except BaseException:
+                halt.set()
+                raise
+
+        tasks = [asyncio.ensure_future(guarded()) for _ in range(concurrency)]
         try:
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            # Every worker ends before process() does: after a failure the others finish
+            # their current job (as Queue.process's threads do); when process() itself is
+            # cancelled they are cancelled too (a cancelled job's lease runs out: redelivered).
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            for out in outcomes:
+                if isinstance(out, BaseException):
+                    raise out
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         finally:
             renewer.stop.set()
             await asyncio.get_running_loop().run_in_executor(None, renewer.thread.join, 5)

@@ -1,0 +1,76 @@
+"""AsyncQueue.process: no worker outlives the call (both backends)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from procwire.queue import AsyncQueue
+
+
+class Boom(BaseException):
+    """Not an Exception: fn raising it is not a job failure but the worker's end."""
+
+
+def test_failed_worker_stops_the_others(queue_url: str) -> None:
+    async def main() -> None:
+        async with AsyncQueue("aio-stop", queue_url, backoff=0) as q:
+            for i in range(40):
+                await q.put(i)
+            seen: list[int] = []
+
+            async def fn(n: int) -> None:
+                if not seen:
+                    seen.append(n)
+                    await asyncio.sleep(0.05)  # the other workers are busy too by now
+                    raise Boom()
+                seen.append(n)
+                await asyncio.sleep(0.1)
+
+            with pytest.raises(Boom):
+                await q.process(fn, concurrency=3, idle_timeout=5)
+            after = len(seen)
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            assert others == []  # no worker left running
+            await asyncio.sleep(0.5)
+            assert len(seen) == after  # and nobody takes jobs any more
+            assert after < 10
+
+    asyncio.run(main())
+
+
+def test_cancelled_process_cancels_its_workers(queue_url: str) -> None:
+    async def main() -> None:
+        async with AsyncQueue("aio-cancel", queue_url, backoff=0, lease=1) as q:
+            for i in range(20):
+                await q.put(i)
+            started = asyncio.Event()
+            seen: list[int] = []
+
+            async def fn(n: int) -> None:
+                seen.append(n)
+                started.set()
+                await asyncio.sleep(0.2)
+
+            task = asyncio.ensure_future(q.process(fn, concurrency=2))
+            await asyncio.wait_for(started.wait(), 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            assert others == []
+            after = len(seen)
+            await asyncio.sleep(0.5)
+            assert len(seen) == after
+            # The cut-off jobs come back when their lease runs out: nothing is lost.
+            got = set()
+            for _ in range(40):
+                job = await q.get(timeout=3)
+                if job is None:
+                    break
+                got.add(job.data)
+                await job.ack()
+            assert got | set(seen) == set(range(20))  # done before the cancel, or now
+
+    asyncio.run(main())
