@@ -77,3 +77,21 @@ def test_work_progress_line(tmp_path: Path) -> None:
     assert len(lines) >= 2  # updated while it ran (at most 4 times a second), then the tally
     assert lines[0].startswith("w: 1 done, 0 failed, 0 lost (")
     assert lines[-1].startswith("w: 6 done, 0 failed, 0 lost (") and lines[-1].endswith("/s)")
+
+
+def test_unreachable_redis_fails_fast_with_a_message(tmp_path: Path) -> None:
+    """Every command gives up on a store it cannot reach after --timeout (default 10 s, not
+    the library's 30 s), with the reason on stderr and exit status 1."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+        for cmd in (["stats", "x"], ["put", "x", "1"], ["dead", "x"], ["requeue", "x"],
+                    ["purge", "x", "-y"], ["work", "x", "json:dumps"]):
+            out = qcli(tmp_path, *cmd, "--url", url, "--timeout", "0.5")
+            assert out.returncode == 1, (cmd, out.stdout, out.stderr)
+            assert "Timeout" in out.stderr and "Redis" in out.stderr, (cmd, out.stderr)
+        # get: "no job" must not hide "no store".
+        out = qcli(tmp_path, "get", "x", "--url", url)
+        assert out.returncode == 1 and "Timeout" in out.stderr, out.stderr

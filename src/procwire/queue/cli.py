@@ -20,16 +20,24 @@ from .._errors import ProcwireError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Durable work queues: put, get, inspect and work through jobs.")
 
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="PROCWIRE_QUEUE_URL",
-                                            help="sqlite:///path (default: the user's file).")]
+UrlOpt = Annotated[str | None, typer.Option(
+    "--url", envvar="PROCWIRE_QUEUE_URL",
+    help="sqlite:///path[?synchronous=normal] (default: the user's file), or redis://host:port/db"
+         " / rediss://... for a Redis store.")]
+# How long a command waits for its store (Redis reachable, the SQLite write lock) before it
+# gives up with exit status 1, instead of the library's 30 s default.
+STORE_TIMEOUT = 10.0
+TimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", min=0.01,
+    help="Seconds to wait for the store (Redis reachable, the SQLite write lock); then exit 1.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _queue(name: str, url: str | None, **kwargs: Any) -> Any:
+def _queue(name: str, url: str | None, timeout: float, **kwargs: Any) -> Any:
     from ._queue import Queue
 
     try:
-        return Queue(name, url, **kwargs)
+        return Queue(name, url, timeout=timeout, **kwargs)
     except (ValueError, ProcwireError) as exc:
         raise typer.BadParameter(str(exc)) from exc
 
@@ -52,7 +60,8 @@ def put(name: Annotated[str, typer.Argument(help="Queue name.")],
         delay: Annotated[float, typer.Option(help="Seconds before it can be taken.")] = 0.0,
         priority: Annotated[int, typer.Option(help="Higher first.")] = 0,
         key: Annotated[str | None, typer.Option(help="Dedup key.")] = None,
-        group: Annotated[str | None, typer.Option(help="FIFO group.")] = None) -> None:
+        group: Annotated[str | None, typer.Option(help="FIFO group.")] = None,
+        timeout: TimeoutOpt = STORE_TIMEOUT) -> None:
     """Add a job (or one per stdin line, atomically); prints the ids."""
     from ._queue import Item
 
@@ -63,7 +72,7 @@ def put(name: Annotated[str, typer.Argument(help="Queue name.")],
             items = [json.loads(line) for line in sys.stdin if line.strip()]
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"not valid JSON: {exc}") from exc
-    with _queue(name, url) as q:
+    with _queue(name, url, timeout) as q:
         try:
             ids = q.put_many([Item(d, delay, priority, key, group) for d in items])
         except (ValueError, ProcwireError) as exc:
@@ -75,19 +84,28 @@ def put(name: Annotated[str, typer.Argument(help="Queue name.")],
 @app.command()
 def get(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt = None,
         n: Annotated[int, typer.Option("-n", help="Up to this many jobs.")] = 1,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for a job.")] = 0.0,
+        timeout: Annotated[float, typer.Option(
+            min=0, help=f"Seconds to wait for a job (the store is waited for up to this or"
+                        f" {STORE_TIMEOUT:g} s, whichever is longer).")] = 0.0,
         ack: Annotated[bool, typer.Option(help="Ack what was taken (--no-ack: leave it "
                                                "leased until the lease ends).")] = True,
-        lease: Annotated[float, typer.Option(help="Lease seconds with --no-ack.")] = 30.0
+        lease: Annotated[float, typer.Option(
+            min=0.001, help="Lease seconds of the jobs taken: with --no-ack, they go back to"
+                            " the queue after this.")] = 30.0
         ) -> None:
-    """Take jobs and print them as JSON lines ({"id", "data", "attempts"}); exit 1 if none."""
-    with _queue(name, url) as q:
+    """Take jobs and print them as JSON lines ({"id", "data", "attempts"}); exit 1 if none
+    came (or the store did not answer: then with a message on stderr)."""
+    with _queue(name, url, max(timeout, STORE_TIMEOUT)) as q:
         try:
             jobs = q.get_many(n, timeout=timeout, lease=lease)
             for j in jobs:
                 typer.echo(_dump({"id": j.id, "data": j.data, "attempts": j.attempts}))
             if ack and jobs:
                 q.ack_many(jobs)
+            if not jobs:
+                # None came: say so only if the store answers (a get that could not reach it
+                # returns nothing too, and "no job" must not hide "no store").
+                q.stats()
         except (ValueError, ProcwireError) as exc:
             raise _fail("get", exc) from exc
     if not jobs:
@@ -96,9 +114,9 @@ def get(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt = 
 
 @app.command()
 def stats(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt = None,
-          json_out: JsonOpt = False) -> None:
+          json_out: JsonOpt = False, timeout: TimeoutOpt = STORE_TIMEOUT) -> None:
     """Jobs by state and totals."""
-    with _queue(name, url) as q:
+    with _queue(name, url, timeout) as q:
         try:
             s = q.stats()
         except ProcwireError as exc:
@@ -121,9 +139,9 @@ def stats(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt 
 @app.command()
 def dead(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt = None,
          limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
-         json_out: JsonOpt = False) -> None:
+         json_out: JsonOpt = False, timeout: TimeoutOpt = STORE_TIMEOUT) -> None:
     """List the dead letters with their last error."""
-    with _queue(name, url) as q:
+    with _queue(name, url, timeout) as q:
         try:
             rows = q.dead_letters(limit)
         except ProcwireError as exc:
@@ -148,9 +166,9 @@ def dead(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt =
 @app.command()
 def requeue(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt = None,
             ids: Annotated[list[int] | None, typer.Option("--id", help="Only these ids.")]
-            = None) -> None:
+            = None, timeout: TimeoutOpt = STORE_TIMEOUT) -> None:
     """Put dead letters back as ready jobs; prints how many."""
-    with _queue(name, url) as q:
+    with _queue(name, url, timeout) as q:
         try:
             typer.echo(q.requeue_dead(ids or None))
         except ProcwireError as exc:
@@ -161,13 +179,13 @@ def requeue(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOp
 def purge(name: Annotated[str, typer.Argument(help="Queue name.")], url: UrlOpt = None,
           dead_only: Annotated[bool, typer.Option("--dead-only",
                                                   help="Only the dead letters.")] = False,
-          yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False
-          ) -> None:
+          yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+          timeout: TimeoutOpt = STORE_TIMEOUT) -> None:
     """Delete every job of the queue (or only its dead letters); prints how many."""
     what = "the dead letters" if dead_only else "EVERY job"
     if not yes and not typer.confirm(f"Delete {what} of queue {name!r}?"):
         raise typer.Exit(1)
-    with _queue(name, url) as q:
+    with _queue(name, url, timeout) as q:
         try:
             typer.echo(q.purge(dead_only))
         except ProcwireError as exc:
@@ -202,8 +220,9 @@ def work(name: Annotated[str, typer.Argument(help="Queue name.")],
          idle_timeout: Annotated[float | None, typer.Option(
              help="Stop after this many seconds without a job.")] = None,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")]
-         = False) -> None:
-    """Run a function on every job: ack on return, retry with backoff on exception."""
+         = False, timeout: TimeoutOpt = STORE_TIMEOUT) -> None:
+    """Run a function on every job: ack on return, retry with backoff on exception. Exits 1
+    if the store does not answer at the start; once running, waits out store outages."""
     if concurrency < 1:
         raise typer.BadParameter("-c must be >= 1")
     sys.path.insert(0, "")
@@ -227,8 +246,11 @@ def work(name: Annotated[str, typer.Argument(help="Queue name.")],
             last[0] = now
             show(r, now)
 
-    with _queue(name, url, lease=lease) as q:
+    with _queue(name, url, timeout, lease=lease) as q:
         try:
+            # A store that does not answer at the start is an error; once running, the
+            # workers ride out an outage (a Redis restart) and carry on.
+            q.stats()
             result = q.process(fn, concurrency=concurrency, max_jobs=max_jobs,
                                idle_timeout=idle_timeout,
                                on_done=None if quiet else progress)
