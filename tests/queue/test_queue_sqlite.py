@@ -117,6 +117,14 @@ def test_corrupt_row_goes_to_dead_letters(tmp_path: Path) -> None:
             "UPDATE procwire_jobs SET data = 42, state = 0 WHERE id = ?", (bad,))
         assert q.get(timeout=0) is None
         assert "stored payload is int" in (q.dead_letters()[0].error or "")
+        # A row in a state no code writes is never handed out, and a full purge removes it.
+        odd = q.put({"odd": True})
+        q.backend.execute(  # type: ignore[attr-defined]
+            "UPDATE procwire_jobs SET state = 7 WHERE id = ?", (odd,))
+        assert q.get(timeout=0) is None
+        assert q.purge() == 2  # the dead letter and the odd row
+        assert q.backend.execute(  # type: ignore[attr-defined]
+            "SELECT count(*) FROM procwire_jobs") == [(0,)]
 
 
 def test_wakeup_from_another_process(children, tmp_path: Path) -> None:

@@ -555,9 +555,16 @@ class SqliteBackend(Backend):
         with self._write(timeout) as conn:
             # One statement per state: each walks its own index, not the whole table.
             states = (DEAD,) if dead_only else (READY, DELAYED, LEASED, DEAD)
-            return sum(int(conn.execute(f"DELETE FROM procwire_jobs WHERE queue = ? AND"
-                                        f" state = {state}", (self.name,)).rowcount)
-                       for state in states)
+            n = sum(int(conn.execute(f"DELETE FROM procwire_jobs WHERE queue = ? AND"
+                                     f" state = {state}", (self.name,)).rowcount)
+                    for state in states)
+            if not dead_only:
+                # A row with a state no code writes (edited by hand, or a damaged file) is in
+                # no index: a full purge still removes it (one walk over the table).
+                n += int(conn.execute(
+                    f"DELETE FROM procwire_jobs WHERE queue = ? AND state NOT IN"
+                    f" ({READY}, {DELAYED}, {LEASED}, {DEAD})", (self.name,)).rowcount)
+            return n
 
     def execute(self, sql: str, params: Any = ()) -> list[Any]:
         """Run one statement in a write transaction (tests and repairs)."""
