@@ -157,7 +157,9 @@ def broker(
         max_queue: Annotated[int, typer.Option(help="frames queued per client")] = 10_000,
         policy: Annotated[str, typer.Option(
             help="a slow client's full queue: drop_oldest or disconnect")] = "drop_oldest",
-        timeout: float = 5.0) -> None:
+        timeout: Annotated[float, typer.Option(
+            help="with --status: seconds to wait for the running broker (connecting, then "
+                 "its answer)")] = 5.0) -> None:
     """Run the local bus broker in the foreground (or --status: report on the running one)."""
     import logging
 
