@@ -62,7 +62,8 @@ def emit(event: str, data: Annotated[str | None, typer.Argument(help="JSON")] = 
 @app.command()
 def listen(patterns: Annotated[list[str] | None, typer.Argument()] = None,
            url: UrlOpt = None, channel: ChannelOpt = "procwire",
-           count: Annotated[int, typer.Option(help="stop after this many (0: never)")] = 0,
+           count: Annotated[int, typer.Option(
+               min=0, help="stop after this many (0: never)")] = 0,
            timeout: Annotated[float | None, typer.Option(
                help="stop after this many idle seconds")] = None) -> None:
     """Print matching events as JSON lines (default pattern: everything)."""
