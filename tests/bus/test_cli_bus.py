@@ -3,10 +3,45 @@ one pattern does, and bad option values are usage errors."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
+import redis
+
 CLI = "import sys; sys.argv[0] = 'procwire'; from procwire.cli import main; main()"
+
+
+def test_listen_with_several_patterns_shows_the_notices_they_match(
+        redis_server: Any, children: Any) -> None:
+    """``listen procwire.* procwire.gap good.*``: the bad-message and gap notices are printed
+    (once each, though two patterns match the gap), like ``listen procwire.*`` alone prints them;
+    events that match no pattern are not."""
+    url = redis_server.url
+    listener = children.python(
+        CLI, "listen", "procwire.*", "procwire.gap", "good.*", "--url", url,
+        "--channel", "cli2", "--count", "3", "--timeout", "15", stdout=-1, stderr=-1)
+    assert listener.stderr.readline().strip() == b"listening"
+    raw = redis.Redis.from_url(url)
+    try:
+        raw.publish("cli2", b"not json")
+        raw.publish("cli2", json.dumps({"event": "other.1", "data": 0}))
+        raw.publish("cli2", json.dumps({"event": "good.1", "data": 1}))
+    finally:
+        raw.close()
+    # two lines printed (ends by --timeout if not): Redis has handed over what it was sent
+    first = [listener.stdout.readline() for _ in range(2)]
+    redis_server.stop()   # the listener's bus reconnects and reports the gap
+    redis_server.start()
+    out, err = listener.communicate(timeout=30)
+    assert listener.returncode == 0, err
+    lines = [json.loads(line) for line in [*first, *out.splitlines()] if line]
+    assert sorted(line["event"] for line in lines) == [
+        "good.1", "procwire.bad_message", "procwire.gap"], lines
+    bad = next(line["data"] for line in lines if line["event"] == "procwire.bad_message")
+    assert bad["reason"].startswith("not JSON") and bad["channel"] == "cli2"
+    gap = next(line["data"] for line in lines if line["event"] == "procwire.gap")
+    assert gap["reason"] in ("restarted", "connection_lost")
 
 
 def test_listen_refuses_a_negative_count(children: Any) -> None:
