@@ -51,3 +51,33 @@ def test_pickle_is_marked_unsafe_and_others_safe() -> None:
 def test_unknown_codec() -> None:
     with pytest.raises(ValueError, match="unknown codec"):
         get_codec("yaml")
+
+
+def _nested(depth: int) -> list[object]:
+    obj: list[object] = []
+    for _ in range(depth):
+        obj = [obj]
+    return obj
+
+
+@pytest.mark.parametrize("name", ["json", "msgpack", "pickle"])
+def test_deep_nesting_is_an_encode_error(name: str) -> None:
+    # RecursionError inside the C encoder must come out typed, like any unencodable object
+    with pytest.raises(EncodeError, match="nested"):
+        get_codec(name).encode({"a": _nested(100_000)})
+
+
+@pytest.mark.parametrize("name, data", [
+    ("json", b'{"event":"x","data":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    ("json", b"[" * 100_000),                      # unterminated as well
+    ("msgpack", b"\x91" * 100_000 + b"\xc0"),      # fixarray of fixarray of ... nil
+])
+def test_deep_nesting_is_a_decode_error(name: str, data: bytes) -> None:
+    c = get_codec(name)
+    with pytest.raises(DecodeError, match="nested too deeply") as info:
+        c.decode(data)
+    assert info.value.payload == data[:len(info.value.payload)] and info.value.payload
+    # the fast path (what channels call first) fails too, and the codec is still usable
+    with pytest.raises(RecursionError):
+        c.fast_decode(data)  # type: ignore[attr-defined]
+    assert c.decode(c.encode({"ok": [[1]]})) == {"ok": [[1]]}

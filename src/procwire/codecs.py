@@ -21,6 +21,17 @@ __all__ = ["Codec", "JsonCodec", "MsgpackCodec", "PickleCodec", "RawCodec", "get
 
 Buffer = bytes | bytearray | memoryview
 
+# What msgspec's C encoders raise for an object they cannot carry; RecursionError: nested deeper
+# than the interpreter's recursion limit (then "nested too deeply"), for encoding and decoding.
+_ENCODE_ERRORS = (TypeError, ValueError, msgspec.EncodeError, OverflowError, RecursionError)
+_DECODE_ERRORS = (ValueError, RecursionError)  # msgspec.DecodeError is a ValueError
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return f"nested too deeply ({exc})"
+    return str(exc)
+
 
 @runtime_checkable
 class Codec(Protocol):
@@ -55,8 +66,8 @@ class JsonCodec:
     def encode(self, obj: Any) -> bytes:
         try:
             data = self._enc.encode(obj)
-        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-            raise EncodeError(f"json cannot encode {type(obj).__name__}: {exc}") from exc
+        except _ENCODE_ERRORS as exc:
+            raise EncodeError(f"json cannot encode {type(obj).__name__}: {_why(exc)}") from exc
         # msgspec writes NaN/inf as null; a silent change of value is worse than an error.
         if b"null" in data and _has_nonfinite(obj):
             raise EncodeError("json cannot encode NaN or infinity (use null, or the msgpack codec)")
@@ -65,8 +76,8 @@ class JsonCodec:
     def decode(self, data: Buffer) -> Any:
         try:
             return self._dec.decode(data)
-        except msgspec.DecodeError as exc:
-            raise DecodeError(f"invalid JSON: {exc}", bytes(data)) from exc
+        except _DECODE_ERRORS as exc:
+            raise DecodeError(f"invalid JSON: {_why(exc)}", bytes(data)) from exc
 
 
 def _has_nonfinite(obj: Any, depth: int = 0) -> bool:
@@ -96,14 +107,15 @@ class MsgpackCodec:
     def encode(self, obj: Any) -> bytes:
         try:
             return self._enc.encode(obj)
-        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-            raise EncodeError(f"msgpack cannot encode {type(obj).__name__}: {exc}") from exc
+        except _ENCODE_ERRORS as exc:
+            raise EncodeError(f"msgpack cannot encode {type(obj).__name__}: {_why(exc)}"
+                              ) from exc
 
     def decode(self, data: Buffer) -> Any:
         try:
             return self._dec.decode(data)
-        except msgspec.DecodeError as exc:
-            raise DecodeError(f"invalid msgpack: {exc}", bytes(data)) from exc
+        except _DECODE_ERRORS as exc:
+            raise DecodeError(f"invalid msgpack: {_why(exc)}", bytes(data)) from exc
 
 
 class RawCodec:
@@ -135,13 +147,14 @@ class PickleCodec:
         try:
             return _pickle.dumps(obj, protocol=_pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            raise EncodeError(f"pickle cannot encode {type(obj).__name__}: {exc}") from exc
+            raise EncodeError(f"pickle cannot encode {type(obj).__name__}: {_why(exc)}"
+                              ) from exc
 
     def decode(self, data: Buffer) -> Any:
         try:
             return _pickle.loads(data)
         except Exception as exc:
-            raise DecodeError(f"invalid pickle: {exc}", bytes(data)) from exc
+            raise DecodeError(f"invalid pickle: {_why(exc)}", bytes(data)) from exc
 
 
 _CODECS: dict[str, type[JsonCodec | MsgpackCodec | RawCodec | PickleCodec]] = {

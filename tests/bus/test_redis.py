@@ -157,6 +157,87 @@ def test_bad_input_is_reported_and_skipped(redis_server: Any) -> None:
         raw.close()
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+def test_deeply_nested_input_is_reported_and_the_reader_keeps_running(
+        redis_server: Any) -> None:
+    """JSON nested past the recursion limit (an event, a request, a reply, unterminated, in
+    objects) is a bad message like any other: reported, skipped, and the reader thread goes
+    on (it used to die on the RecursionError: the bus then never received again)."""
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        with Bus(redis_server.url, channel="deep") as bus:
+            good = bus.subscribe("good.*", timeout=5)
+            bad = bus.subscribe("procwire.bad_message", timeout=5)
+            bus.handle("echo", lambda d: d)
+            bus_id = bus._backend.bus_id  # type: ignore[attr-defined]
+            junk = [
+                ("deep", b'{"event": "good.x", "data": ' + DEEP + b"}"),
+                ("deep", b'{"event": "good.x", "data": ' + b"[" * 100_000),  # unterminated
+                ("deep", b'{"event": "good.x", "data": ' + b'{"a":' * 50_000
+                 + b"1" + b"}" * 50_001),
+                ("deep", b'{"event": "good.x", "other": ' + DEEP + b"}"),  # skipped field
+                (f"deep:request:echo:{bus_id}",
+                 b'{"id": "1", "reply_to": "deep:reply:x", "data": ' + DEEP + b"}"),
+                (f"deep:reply:{bus_id}", b'{"id": "1", "data": ' + DEEP + b"}"),
+            ]
+            for i, (channel, payload) in enumerate(junk):
+                raw.publish(channel, payload)
+                raw.publish("deep", json.dumps({"event": f"good.{i}", "data": i}))
+            assert [good.get(5).data for _ in junk] == list(range(len(junk)))
+            reports = [bad.get(5).data for _ in junk]
+            assert all("nested too deeply" in r["reason"] for r in reports), reports
+            assert [r["channel"] for r in reports] == [c for c, _ in junk]
+            assert bus.stats()["backend"]["bad_messages"] == len(junk)
+            assert bus._backend._thread.is_alive()  # type: ignore[attr-defined]
+            assert bus.request("echo", {"still": "serving"}, timeout=5) == {"still": "serving"}
+            with pytest.raises(procwire.EncodeError, match="nested too deeply"):
+                bus.emit("deep", _nested(100_000))  # refused before sending
+            bus.emit("good.after", 1)
+            assert good.get(5).data == 1
+    finally:
+        raw.close()
+
+
+def _nested(depth: int) -> list[Any]:
+    obj: list[Any] = []
+    for _ in range(depth):
+        obj = [obj]
+    return obj
+
+
+def test_an_unexpected_error_handling_one_message_does_not_end_the_reader(
+        redis_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any exception while handling one message (here a fault injected into the envelope
+    decoder, standing for a bug) is reported as a bad message; the next messages flow."""
+    from procwire.bus import _redis
+
+    real = _redis._decode_event
+
+    def faulty(payload: bytes) -> Any:
+        if b"boom" in payload:
+            raise RuntimeError("injected fault")
+        return real(payload)
+
+    monkeypatch.setattr(_redis, "_decode_event", faulty)
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        with Bus(redis_server.url, channel="fault") as bus:
+            good = bus.subscribe("good.*", timeout=5)
+            bad = bus.subscribe("procwire.bad_message", timeout=5)
+            for i in range(3):
+                raw.publish("fault", b'{"event": "boom", "data": 1}')
+                raw.publish("fault", json.dumps({"event": f"good.{i}", "data": i}))
+            assert [good.get(5).data for _ in range(3)] == [0, 1, 2]
+            reasons = [bad.get(5).data["reason"] for _ in range(3)]
+            assert all("RuntimeError: injected fault" in r for r in reasons), reasons
+            assert bus.stats()["backend"]["bad_messages"] == 3
+            assert bus._backend._thread.is_alive()  # type: ignore[attr-defined]
+    finally:
+        raw.close()
+
+
 def test_redis_dropping_a_slow_subscriber_is_detected_and_reported(redis_server: Any) -> None:
     raw = redis.Redis.from_url(redis_server.url)
     try:

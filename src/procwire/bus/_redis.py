@@ -26,9 +26,11 @@ an event the flusher cannot publish before its timeout is counted and raised by 
 ``emit``/``flush``/``close``: never dropped silently. (If Redis dies after receiving a pipeline
 but before answering, the retry can publish those events twice.)
 
-Bad input on the channel (not JSON, no ``"event"`` string, a reserved ``procwire.`` name, more
-than ``max_message_size`` bytes) is skipped, counted in ``bad_messages`` and reported as a
-``procwire.bad_message`` notice; the messages after it flow on.
+Bad input on the channel (not JSON, JSON nested too deeply, no ``"event"`` string, a reserved
+``procwire.`` name, more than ``max_message_size`` bytes) is skipped, counted in
+``bad_messages`` and reported as a ``procwire.bad_message`` notice; the messages after it flow
+on. So is a message whose handling raised anything unexpected (a bug, logged with its
+traceback): one message never ends the reader thread.
 """
 
 from __future__ import annotations
@@ -143,6 +145,8 @@ class _Reply(msgspec.Struct):
 _decode_event = msgspec.json.Decoder(_Envelope).decode
 _decode_request = msgspec.json.Decoder(_Request).decode
 _decode_reply = msgspec.json.Decoder(_Reply).decode
+# what msgspec raises for JSON nested deeper than the interpreter's recursion limit
+_TOO_DEEP = "JSON nested too deeply (past the recursion limit)"
 
 _CONN_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 _FLUSH_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError) + (
@@ -308,7 +312,7 @@ class RedisBackend(Backend):
                 msg = conn.read_response(disconnect_on_error=False)
                 if isinstance(msg, list) and msg and msg[0] == b"subscribe":
                     waiting.discard(msg[1])
-                self._handle(msg)
+                self._handle_guarded(msg)
         except BaseException:
             conn.disconnect()
             raise
@@ -367,7 +371,7 @@ class RedisBackend(Backend):
             read = conn.read_response  # pragma: no cover - redis-py without hiredis
             while not self._closed:
                 if can_read(timeout=_POLL):
-                    handle(read(disconnect_on_error=False))
+                    self._handle_guarded(read(disconnect_on_error=False))
             return
         # With hiredis: take every complete message from redis-py's own reader (so nothing it
         # buffered is skipped) and read the socket only when it has none; per message this
@@ -382,7 +386,10 @@ class RedisBackend(Backend):
             elif isinstance(msg, Exception):
                 raise msg if isinstance(msg, redis.RedisError) else ProtocolError(str(msg))
             else:
-                handle(msg)
+                try:  # (free in 3.11 unless it raises)
+                    handle(msg)
+                except Exception as exc:
+                    self._unexpected(msg, exc)
 
     def _recover(self, exc: BaseException) -> Any:
         """Reconnect with backoff and resubscribe; report the gap. None once closed."""
@@ -432,6 +439,25 @@ class RedisBackend(Backend):
         return None
 
     # -- incoming --------------------------------------------------------------------------
+
+    def _handle_guarded(self, msg: Any) -> None:
+        try:
+            self._handle(msg)
+        except Exception as exc:
+            self._unexpected(msg, exc)
+
+    def _unexpected(self, msg: Any, exc: Exception) -> None:
+        """Handling ``msg`` raised ``exc`` (not bad input we know of: a bug, or something new
+        from the server): log it, report it as a bad message, and go on with the next one."""
+        log.error("procwire bus: handling a message from Redis failed; skipped",
+                  exc_info=exc)
+        ok = isinstance(msg, list | tuple) and len(msg) >= 3
+        channel = msg[1] if ok and isinstance(msg[1], bytes) else b"?"
+        payload = msg[2] if ok and isinstance(msg[2], bytes) else repr(msg)[:200].encode()
+        try:
+            self._bad(f"could not be handled ({type(exc).__name__}: {exc})", channel, payload)
+        except Exception:  # the report itself failed: the log has it, the reader goes on
+            log.exception("procwire bus: reporting a bad message failed")
 
     def _handle(self, msg: Any) -> None:
         kind = msg[0]
@@ -485,6 +511,9 @@ class RedisBackend(Backend):
         except msgspec.DecodeError as exc:
             self._bad(f"not JSON: {exc}", self._ch, payload)
             return
+        except RecursionError:
+            self._bad(_TOO_DEEP, self._ch, payload)
+            return
         name = env.event
         if not name or len(name) > MAX_NAME or name.startswith(RESERVED_PREFIX):
             self._bad(f"event name not allowed: {name[:80]!r}", self._ch, payload)
@@ -501,6 +530,9 @@ class RedisBackend(Backend):
         except msgspec.DecodeError as exc:
             self._bad(f"not a request envelope: {exc}", ch, payload)
             return
+        except RecursionError:
+            self._bad(_TOO_DEEP, ch, payload)
+            return
         if not req.reply_to.startswith(self._reply_prefix):
             self._bad(f"reply_to outside {self._reply_prefix!r}", ch, payload)
             return
@@ -515,6 +547,9 @@ class RedisBackend(Backend):
             rep = _decode_reply(payload)
         except msgspec.DecodeError as exc:
             self._bad(f"not a reply envelope: {exc}", self._reply_ch, payload)
+            return
+        except RecursionError:
+            self._bad(_TOO_DEEP, self._reply_ch, payload)
             return
         reply: dict[str, Any] = {"id": rep.id, "data": rep.data}
         if rep.error is not None:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+from collections import deque
 from typing import Annotated, Any
 
 import typer
 
 from .._errors import ConnectionRefused, ProcwireError, Timeout
 from ._bus import Bus
-from ._patterns import Matcher
+from ._core import Event
+from ._patterns import RESERVED_PREFIX, Matcher
 
 __all__ = ["app"]
 
@@ -59,21 +62,56 @@ def emit(event: str, data: Annotated[str | None, typer.Argument(help="JSON")] = 
     typer.echo(f"delivered to {n} bus(es)", err=True)
 
 
+class _Merged:
+    """The events of several handler subscriptions in one bounded buffer (the oldest dropped
+    when it is full, like the ``drop_oldest`` subscriptions feeding it)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._buf: deque[Event] = deque(maxlen=maxsize)
+        self._cond = threading.Condition()
+
+    def put(self, name: str, data: Any) -> None:
+        with self._cond:
+            self._buf.append(Event(name, data))
+            self._cond.notify()
+
+    def get(self, timeout: float | None) -> Event:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._buf, timeout):
+                raise Timeout(f"no event in {timeout} s")
+            return self._buf.popleft()
+
+
 @app.command()
-def listen(patterns: Annotated[list[str] | None, typer.Argument()] = None,
+def listen(patterns: Annotated[list[str] | None, typer.Argument(
+               help="glob patterns (default: *); the bus's own notices (procwire.gap, "
+                    "procwire.bad_message) only match patterns that start with procwire.")
+           ] = None,
            url: UrlOpt = None, channel: ChannelOpt = "procwire",
-           count: Annotated[int, typer.Option(help="stop after this many (0: never)")] = 0,
+           count: Annotated[int, typer.Option(
+               min=0, help="stop after this many (0: never)")] = 0,
            timeout: Annotated[float | None, typer.Option(
                help="stop after this many idle seconds")] = None) -> None:
     """Print matching events as JSON lines (default pattern: everything)."""
     try:
         with Bus(url, channel=channel) as bus:
             wanted = patterns or ["*"]
+            sub: Any
             if len(wanted) == 1:
                 sub, keep = bus.subscribe(wanted[0], policy="drop_oldest"), None
-            else:  # several patterns: everything, filtered here
-                sub = bus.subscribe("*", policy="drop_oldest")
+            else:
+                # Several patterns: everything, filtered here. "*" never matches a notice
+                # (procwire.*), so the notices come from a "procwire.*" subscription of their
+                # own when a pattern asks for them; the two never see the same event.
                 keep = [Matcher(p) for p in wanted]
+                groups = sorted({"procwire.*" if p.startswith(RESERVED_PREFIX) else "*"
+                                 for p in wanted})
+                if len(groups) == 1:
+                    sub = bus.subscribe(groups[0], policy="drop_oldest")
+                else:  # both: one buffer fed by two handlers
+                    sub = _Merged(bus.maxsize)
+                    for group in groups:
+                        bus.on(group, sub.put, policy="drop_oldest", with_event=True)
             sys.stderr.write("listening\n")
             sys.stderr.flush()
             seen = 0
@@ -157,7 +195,9 @@ def broker(
         max_queue: Annotated[int, typer.Option(help="frames queued per client")] = 10_000,
         policy: Annotated[str, typer.Option(
             help="a slow client's full queue: drop_oldest or disconnect")] = "drop_oldest",
-        timeout: float = 5.0) -> None:
+        timeout: Annotated[float, typer.Option(
+            help="with --status: seconds to wait for the running broker (connecting, then "
+                 "its answer)")] = 5.0) -> None:
     """Run the local bus broker in the foreground (or --status: report on the running one)."""
     import logging
 
