@@ -167,9 +167,14 @@ def test_emit_many_one_frame_or_split_and_checked_first(brokers: Any) -> None:
         pub.emit_many([("b.big", [i, blob]) for i in range(300)])
         assert [got.get(10).data[0] for _ in range(300)] == list(range(300))
         # a bad event anywhere: an error, and nothing of that batch is sent
-        for bad in (float("nan"), object()):
+        deep: list[Any] = []
+        for _ in range(100_000):  # nested past the encoder's recursion limit
+            deep = [deep]
+        for bad in (float("nan"), object(), deep):
             with pytest.raises(procwire.EncodeError):
                 pub.emit_many([("b.ok", 1), ("b.bad", bad)])
+        with pytest.raises(procwire.EncodeError, match="nested"):
+            pub.emit("b.bad", deep)
         pub.emit("b.end")
         assert got.get(10).name == "b.end"
         assert sub.stats()["backend"]["events_received"] == 401
@@ -466,6 +471,13 @@ def test_bad_clients_do_not_disturb_the_others(brokers: Any, children: Any) -> N
             s.sendall(_frame(b"\xff\xfe not json"))
             assert _until_bye(s)[2].startswith("protocol error: not a broker frame")
             burst()
+        # 2b. a JSON frame nested deeper than any decoder's recursion limit
+        with _raw_client(path) as s:
+            s.sendall(_frame(HELLO))
+            assert _read_frame(s)[0] == "welcome"
+            s.sendall(_frame(b'["pub",1,"x",' + b"[" * 100_000 + b"]" * 100_000 + b"]"))
+            assert "nested too deeply" in _until_bye(s)[2]
+            burst()
         # 3. an oversized frame (announces 1 GiB)
         with _raw_client(path) as s:
             s.sendall(struct.pack(">I", 1 << 30) + b"x" * 1000)
@@ -492,7 +504,7 @@ def test_bad_clients_do_not_disturb_the_others(brokers: Any, children: Any) -> N
         got = [seq.get(10).data for _ in range(n)]
         assert got == list(range(n))  # nothing lost, nothing out of order
         stats = good_pub._backend.broker_stats()  # type: ignore[attr-defined]
-        assert stats["totals"]["bad_clients"] >= 5
+        assert stats["totals"]["bad_clients"] >= 6
         assert len(stats["clients"]) == 2  # only the good ones are left
         with pytest.raises(NoResponder):
             good_pub.request("nobody", timeout=5)

@@ -439,6 +439,8 @@ class Broker:
         c.frames_in += 1
         try:
             f = decode_broker_frame(b)
+        except RecursionError:
+            raise _Bad("not a broker frame: JSON nested too deeply") from None
         except (msgspec.DecodeError, ValueError) as exc:
             raise _Bad(f"not a broker frame: {exc}") from None
         space = c.space

@@ -77,6 +77,8 @@ def encode_frame(kind: str, seq: int, name: str, body: Any, limit: int | None = 
     ``MessageTooLarge`` past ``limit`` bytes (nothing is sent then)."""
     try:
         data = _encoder.encode((kind, seq, name, body))
+    except RecursionError as exc:
+        raise EncodeError("json cannot encode data nested this deeply") from exc
     except (TypeError, msgspec.EncodeError, OverflowError) as exc:
         raise EncodeError(f"json cannot encode {type(body).__name__}: {exc}") from exc
     # msgspec writes NaN/inf as null; a silent change of value is worse than an error.
@@ -92,6 +94,8 @@ def encode_item(name: str, data: Any, limit: int | None = None) -> bytes:
     """One ``[name, data]`` item of a ``pubs`` batch (checked like ``encode_frame``)."""
     try:
         out = _encoder.encode((name, data))
+    except RecursionError as exc:
+        raise EncodeError("json cannot encode data nested this deeply") from exc
     except (TypeError, msgspec.EncodeError, OverflowError) as exc:
         raise EncodeError(f"json cannot encode {type(data).__name__}: {exc}") from exc
     if b"null" in out and _has_nonfinite(data):
@@ -109,7 +113,7 @@ def encode_batch(events: list[tuple[str, Any]], limit: int) -> bytes | None:
     which splits the batch into frames or raises the precise error)."""
     try:
         out = _encoder.encode(events)
-    except (TypeError, msgspec.EncodeError, OverflowError):
+    except (TypeError, msgspec.EncodeError, OverflowError, RecursionError):
         return None
     if len(out) > limit or (b"null" in out and any(_has_nonfinite(d) for _, d in events)):
         return None
@@ -138,5 +142,7 @@ class WireCodec:
     def decode(self, data: bytes | bytearray | memoryview) -> ClientFrame:
         try:
             return _decode_client(data)
-        except msgspec.DecodeError as exc:
+        except RecursionError as exc:
+            raise DecodeError("not a broker frame: JSON nested too deeply", bytes(data)) from exc
+        except (msgspec.DecodeError, ValueError) as exc:
             raise DecodeError(f"not a broker frame: {exc}", bytes(data)) from exc
