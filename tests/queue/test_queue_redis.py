@@ -4,6 +4,7 @@ Cluster (a real one-node and two-node cluster)."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -228,3 +229,118 @@ def test_redis_cluster_follows_moved() -> None:
     finally:
         a.close()
         b.close()
+
+
+P = "procwire:{jobs}:"
+
+
+def _drain(q: Queue, limit: int = 100) -> list[Any]:
+    got = []
+    for _ in range(limit):
+        job = q.get(timeout=0)
+        if job is None:
+            break
+        got.append(job.data)
+        job.ack()
+    return got
+
+
+def test_stray_set_members_go_to_dead_letters(redis_server: Any, r: redis.Redis) -> None:
+    # Members we never wrote, in every sorted set a script walks: none wedges the queue.
+    with Queue("jobs", redis_server.url) as q:
+        ids = q.put_many(["a", "b", Item("d", delay=0.05), Item("g1", group="g"),
+                          Item("g2", group="g")])
+        r.zadd(P + "ready", {"garbage": -100, "1": -100, "-3": -100, "1.5e0": -100})
+        r.zadd(P + "delayed", {"junk": 0, "nan": 1})
+        r.zadd(P + "leased", {"x": 0})  # an expired "lease"
+        r.zadd(P + "g:" + hashlib.sha1(b"g").hexdigest(), {"zzz": 0})
+        r.zadd(P + "dead", {"nope": 0})
+        time.sleep(0.06)
+        got = _drain(q)
+        assert sorted(got) == ["a", "b", "d", "g1", "g2"]
+        dead = q.dead_letters()
+        raws = sorted(d.raw for d in dead)
+        assert raws == sorted([b"garbage", b"1", b"-3", b"1.5e0", b"junk", b"nan", b"x",
+                               b"zzz", b"nope"])
+        for d in dead:
+            assert d.error is not None and d.error.startswith("corrupt entry: a member of the")
+            assert "is not a job id" in d.error
+            assert d.id > max(ids)  # a dead letter of its own: no real job was touched
+        assert "ready set" in next(d.error or "" for d in dead if d.raw == b"garbage")
+        assert "delayed set" in next(d.error or "" for d in dead if d.raw == b"junk")
+        assert "leased set" in next(d.error or "" for d in dead if d.raw == b"x")
+        assert "group set" in next(d.error or "" for d in dead if d.raw == b"zzz")
+        assert "dead set" in next(d.error or "" for d in dead if d.raw == b"nope")
+        s = q.stats()
+        assert (s.ready, s.delayed, s.leased, s.dead) == (0, 0, 0, 9)
+        assert s.acked == 5
+        # The queue carries on, and the stubs can be purged like any dead letter.
+        q.put("after")
+        assert _drain(q) == ["after"]
+        assert q.purge(dead_only=True) == 9
+        left = sorted(k.decode() for k in r.scan_iter(count=1000))
+        assert left == [P + "seq", P + "stats"], left
+
+
+def test_misplaced_member_is_not_leased_twice(redis_server: Any, r: redis.Redis) -> None:
+    with Queue("jobs", redis_server.url) as q:
+        q.put_many(["held", "lost", "next"])
+        held = q.get(timeout=0)
+        assert held is not None and held.data == "held"
+        # A second entry for a leased job in the ready set: it must not be handed out again.
+        r.zadd(P + "ready", {f"{held.id:016d}": -100})
+        # A leased job whose record says leased but which sits only in the ready set: it is
+        # in no index of its own, so it goes to the dead letters with a reason.
+        lost = q.get(timeout=0)
+        assert lost is not None and lost.data == "lost"
+        r.zrem(P + "leased", f"{lost.id:016d}")
+        r.zadd(P + "ready", {f"{lost.id:016d}": -100})
+        nxt = q.get(timeout=0)
+        assert nxt is not None and nxt.data == "next"
+        nxt.ack()
+        assert q.get(timeout=0) is None
+        held.ack()  # untouched: its holder still acks it
+        with pytest.raises(procwire.queue.LeaseLost):
+            lost.ack()
+        dead = {d.raw: d for d in q.dead_letters()}
+        assert set(dead) == {f"{held.id:016d}".encode(), b'"lost"'}
+        assert dead[b'"lost"'].id == lost.id and dead[b'"lost"'].data == "lost"
+        assert dead[b'"lost"'].error == ("corrupt entry: its record says leased but it was "
+                                         "in the ready set")
+        stub = dead[f"{held.id:016d}".encode()]
+        assert stub.error == (f"corrupt entry: the ready set also listed job {held.id}, which "
+                              f"is leased (the entry was removed)")
+        s = q.stats()
+        assert (s.ready, s.leased, s.dead) == (0, 0, 2)
+
+
+def test_bad_fields_and_counters(redis_server: Any, r: redis.Redis) -> None:
+    with Queue("jobs", redis_server.url, backoff=0) as q:
+        ids = q.put_many(["nan", "inf", "pr", "ma", "fine"])
+        r.hset(f"{P}j:{ids[0]}", "vis", "nan")
+        r.hset(f"{P}j:{ids[1]}", "at", "inf")
+        r.hset(f"{P}j:{ids[2]}", "pr", "1.5")
+        r.hset(f"{P}j:{ids[3]}", "ma", "2.5")
+        # Counters and the id sequence overwritten; dedup and group heads pointing nowhere.
+        r.hset(P + "stats", "acked", "lots")
+        r.hset(P + "keys", "k", "garbage")
+        r.hset(P + "heads", "g", "garbage")
+        r.hset(f"{P}j:{ids[4]}", "k", b"\xff\xfe")  # a key that is not UTF-8
+        r.set(P + "seq", "abc")
+        more = q.put_many([Item("keyed", key="k"), Item("grouped", group="g")])
+        assert len(set(more)) == 2 and min(more) > max(ids)  # no id reused
+        got = []
+        for _ in range(20):
+            job = q.get(timeout=0)
+            if job is None:
+                break
+            got.append((job.data, job.key))
+            job.ack()
+        assert sorted(got, key=str) == sorted([("fine", "\ufffd\ufffd"), ("keyed", "k"),
+                                               ("grouped", None)], key=str)
+        dead = {d.id: d for d in q.dead_letters()}
+        assert sorted(dead) == ids[:4]
+        for i in ids[:4]:
+            assert "lacks fields or holds bad values" in (dead[i].error or "")
+        assert q.stats().acked == 3  # the counter started again
+        assert q.put("dup", key="k") != q.put("dup2", key="k2")

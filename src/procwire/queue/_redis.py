@@ -112,6 +112,26 @@ local woke = false -- something became ready or delayed: wake the waiters at the
 
 local function jkey(id) return P .. 'j:' .. id end
 local function mem(id) return string.format('%016d', id) end
+-- The id a set member names, or nil when it is not one we wrote (16 digits).
+local function idof(m)
+  if #m == 16 and not string.find(m, '%D') then return tonumber(m) end
+  return nil
+end
+-- A finite number, or nil ('nan', 'inf', '0x..' garbage, a missing field).
+local function num(s)
+  local x = tonumber(s)
+  if x and x == x and x > -1e300 and x < 1e300 then return x end
+  return nil
+end
+-- An integer that round-trips through a double, or nil.
+local function int(s)
+  local x = num(s)
+  if x and x == math.floor(x) and x > -9007199254740992 and x < 9007199254740992 then
+    return x
+  end
+  return nil
+end
+local function istr(x) return string.format('%d', x) end
 local function gkey(g) return P .. 'g:' .. redis.sha1hex(g) end
 local function fmt(x) return string.format('%.6f', x) end
 local INDEX = {r = K_READY, d = K_DELAYED, l = K_LEASED, p = K_PARKED, x = K_DEAD}
@@ -122,9 +142,8 @@ local function load(id)
   local ty = redis.call('TYPE', key).ok
   if ty ~= 'hash' then return nil, ty end
   local v = redis.call('HMGET', key, 'd', 'st', 'pr', 'vis', 'eq', 'at', 'ma', 'tk', 'k', 'g')
-  local j = {id = id, d = v[1], st = v[2], prs = v[3], pr = tonumber(v[3]),
-             vis = tonumber(v[4]), eq = tonumber(v[5]), at = tonumber(v[6]),
-             ma = tonumber(v[7]), tk = v[8], k = v[9], g = v[10]}
+  local j = {id = id, d = v[1], st = v[2], pr = int(v[3]), vis = num(v[4]), eq = num(v[5]),
+             at = int(v[6]), ma = int(v[7]), tk = v[8], k = v[9], g = v[10]}
   if not j.d or not INDEX[j.st] or not j.pr or not j.vis or not j.eq or not j.at
       or not j.ma then
     return nil, 'hash'
@@ -133,6 +152,44 @@ local function load(id)
 end
 
 local promote
+
+-- A counter in the stats hash; one that is not an integer (overwritten) starts again.
+local function stat(field, n)
+  local r = redis.pcall('HINCRBY', K_STATS, field, n)
+  if type(r) ~= 'number' then
+    if redis.call('TYPE', K_STATS).ok ~= 'hash' then redis.call('DEL', K_STATS) end
+    redis.call('HSET', K_STATS, field, n)
+  end
+end
+
+-- A new id. A sequence that was overwritten with something else starts again above every id
+-- still in use.
+local function next_id()
+  local r = redis.pcall('INCR', K_SEQ)
+  if type(r) == 'number' then return r end
+  local top = 0
+  for _, index in ipairs({K_READY, K_DELAYED, K_LEASED, K_PARKED, K_DEAD}) do
+    for _, m in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+      local id = idof(m)
+      if id and id > top then top = id end
+    end
+  end
+  redis.call('SET', K_SEQ, top + 1)
+  return top + 1
+end
+
+-- A set member that names no job of ours (not an id we wrote, e.g. a stray ZADD): it leaves
+-- the set and becomes a dead letter of its own (a new id), its payload the member, with why.
+local function bury_stray(index, where, m, reason)
+  redis.call('ZREM', index, m)
+  local id = next_id()
+  redis.call('HSET', jkey(id), 'd', m, 'st', 'x', 'pr', '0', 'vis', fmt(now), 'eq', fmt(now),
+             'at', '0', 'ma', '1', 'da', fmt(now),
+             'er', reason or ('corrupt entry: a member of the ' .. where
+                              .. ' set is not a job id (it is this dead letter\'s payload)'))
+  redis.call('ZADD', K_DEAD, 0, mem(id))
+  stat('failed', 1)
+end
 
 -- A job leaves its group (acked, dead, purged): the group's next job takes its turn.
 local function leave_group(g, id)
@@ -167,7 +224,7 @@ local function bury_corrupt(id, ty)
              'at', '0', 'ma', '1', 'er', reason, 'da', fmt(now))
   if k then redis.call('HSET', key, 'k', k) end
   redis.call('ZADD', K_DEAD, 0, m)
-  redis.call('HINCRBY', K_STATS, 'failed', 1)
+  stat('failed', 1)
   if g then
     redis.call('HSET', key, 'g', g)
     leave_group(g, id)
@@ -195,16 +252,20 @@ promote = function(g)
     local first = redis.call('ZRANGE', gk, 0, 0)
     if #first == 0 then return end
     local m = first[1]
-    local id = tonumber(m)
-    local j, ty = load(id)
-    if j and j.st == 'p' then
-      redis.call('HSET', K_HEADS, g, m)
-      redis.call('ZREM', K_PARKED, m)
-      if j.vis <= now then set_ready(j) else set_delayed(j, j.vis) end
-      return
+    local id = idof(m)
+    if not id then
+      bury_stray(gk, 'group', m)
+    else
+      local j, ty = load(id)
+      if j and j.st == 'p' then
+        redis.call('HSET', K_HEADS, g, m)
+        redis.call('ZREM', K_PARKED, m)
+        if j.vis <= now then set_ready(j) else set_delayed(j, j.vis) end
+        return
+      end
+      redis.call('ZREM', gk, m)
+      if j == nil then bury_corrupt(id, ty) end
     end
-    redis.call('ZREM', gk, m)
-    if j == nil then bury_corrupt(id, ty) end
   end
 end
 
@@ -219,7 +280,7 @@ local function to_dead(j, reason)
   redis.call('HSET', key, 'st', 'x', 'da', fmt(now))
   if reason then redis.call('HSET', key, 'er', reason) else redis.call('HDEL', key, 'er') end
   redis.call('ZADD', K_DEAD, 0, mem(j.id))
-  redis.call('HINCRBY', K_STATS, 'failed', 1)
+  stat('failed', 1)
   j.st = 'x'
   if j.g then leave_group(j.g, j.id) end
 end
@@ -231,7 +292,7 @@ local function enter_group(j, due)
   redis.call('ZADD', K_PARKED, due, m)
   redis.call('ZADD', gkey(j.g), 0, m)
   local head = redis.call('HGET', K_HEADS, j.g)
-  if head and redis.call('EXISTS', jkey(tonumber(head))) == 0 then
+  if head and (not idof(head) or redis.call('EXISTS', jkey(idof(head))) == 0) then
     redis.call('ZREM', gkey(j.g), head)
     redis.call('HDEL', K_HEADS, j.g)
     head = false
@@ -263,8 +324,22 @@ local function ack(first)
       lost[#lost + 1] = id
     end
   end
-  if acked > 0 then redis.call('HINCRBY', K_STATS, 'acked', acked) end
+  if acked > 0 then stat('acked', acked) end
   return lost
+end
+
+local STATE = {r = 'ready', d = 'delayed', l = 'leased', p = 'parked', x = 'dead'}
+-- Member m of `index` names job j, whose record puts it in another state. The entry goes; the
+-- job stays as its record says when that index holds it, else it goes to the dead letters.
+local function misplaced(index, where, m, j)
+  redis.call('ZREM', index, m)
+  if redis.call('ZSCORE', INDEX[j.st], m) then
+    bury_stray(index, where, m, 'corrupt entry: the ' .. where .. ' set also listed job '
+               .. j.id .. ', which is ' .. STATE[j.st] .. ' (the entry was removed)')
+  else
+    to_dead(j, 'corrupt entry: its record says ' .. STATE[j.st] .. ' but it was in the '
+            .. where .. ' set')
+  end
 end
 
 -- Due delayed jobs become ready; expired leases come back (or die after their last attempt).
@@ -275,19 +350,35 @@ local function sweep()
   local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, SWEEP)
   if #due == SWEEP then full = true end
   for _, m in ipairs(due) do
-    local id = tonumber(m)
-    local j, ty = load(id)
-    redis.call('ZREM', K_DELAYED, m)
-    if j then set_ready(j) else bury_corrupt(id, ty) end
+    local id = idof(m)
+    if not id then
+      bury_stray(K_DELAYED, 'delayed', m)
+    else
+      local j, ty = load(id)
+      if not j then
+        redis.call('ZREM', K_DELAYED, m)
+        bury_corrupt(id, ty)
+      elseif j.st ~= 'd' then
+        misplaced(K_DELAYED, 'delayed', m, j)
+      else
+        redis.call('ZREM', K_DELAYED, m)
+        set_ready(j)
+      end
+    end
   end
   local expired = redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, SWEEP)
   if #expired == SWEEP then full = true end
   local back, dead = 0, 0
   for _, m in ipairs(expired) do
-    local id = tonumber(m)
-    local j, ty = load(id)
-    if not j then
+    local id = idof(m)
+    local j, ty
+    if id then j, ty = load(id) end
+    if not id then
+      bury_stray(K_LEASED, 'leased', m)
+    elseif not j then
       bury_corrupt(id, ty)
+    elseif j.st ~= 'l' then
+      misplaced(K_LEASED, 'leased', m, j)
     elseif j.at >= j.ma then
       to_dead(j, 'lease expired on the last attempt (' .. j.at .. ')')
       dead = dead + 1
@@ -299,7 +390,7 @@ local function sweep()
       back = back + 1
     end
   end
-  if back + dead > 0 then redis.call('HINCRBY', K_STATS, 'expired', back + dead) end
+  if back + dead > 0 then stat('expired', back + dead) end
   return full
 end
 
@@ -323,12 +414,14 @@ if op == 'put' then
     local holder = false
     if k then
       holder = redis.call('HGET', K_KEYS, k)
-      if holder and redis.call('EXISTS', jkey(tonumber(holder))) == 0 then holder = false end
+      if holder and (not idof(holder) or redis.call('EXISTS', jkey(idof(holder))) == 0) then
+        holder = false
+      end
     end
     if holder then
-      ids[#ids + 1] = tonumber(holder)
+      ids[#ids + 1] = idof(holder)
     else
-      local id = redis.call('INCR', K_SEQ)
+      local id = next_id()
       local delay = tonumber(ARGV[i + 1])
       local due = now + delay
       local key = jkey(id)
@@ -351,7 +444,7 @@ if op == 'put' then
       inserted = inserted + 1
     end
   end
-  if inserted > 0 then redis.call('HINCRBY', K_STATS, 'put', inserted) end
+  if inserted > 0 then stat('put', inserted) end
   return finish(ids)
 
 elseif op == 'claim' then
@@ -365,18 +458,28 @@ elseif op == 'claim' then
     local buried = false
     local until_ = now + lease
     for _, m in ipairs(redis.call('ZRANGE', K_READY, 0, n - 1)) do
-      local id = tonumber(m)
-      local j, ty = load(id)
-      redis.call('ZREM', K_READY, m)
-      if j then
+      local id = idof(m)
+      local j, ty
+      if id then j, ty = load(id) end
+      if j and j.st == 'r' then
+        redis.call('ZREM', K_READY, m)
         local key = jkey(id)
-        redis.call('HSET', key, 'st', 'l', 'tk', token, 'at', j.at + 1, 'vis', fmt(until_))
+        redis.call('HSET', key, 'st', 'l', 'tk', token, 'at', istr(j.at + 1),
+                   'vis', fmt(until_))
         redis.call('ZADD', K_LEASED, until_, m)
-        for _, v in ipairs({id, j.d, j.at + 1, fmt(j.eq), j.prs, j.k, j.g, fmt(until_)}) do
+        for _, v in ipairs({id, j.d, j.at + 1, fmt(j.eq), istr(j.pr), j.k, j.g,
+                            fmt(until_)}) do
           jobs[#jobs + 1] = v
         end
       else
-        bury_corrupt(id, ty)
+        if not id then
+          bury_stray(K_READY, 'ready', m)
+        elseif not j then
+          redis.call('ZREM', K_READY, m)
+          bury_corrupt(id, ty)
+        else
+          misplaced(K_READY, 'ready', m, j)
+        end
         buried = true
       end
     end
@@ -414,7 +517,7 @@ elseif op == 'nack' then
     redis.call('HDEL', key, 'tk')
     if err then redis.call('HSET', key, 'er', err) else redis.call('HDEL', key, 'er') end
     if delay > 0 then set_delayed(j, now + delay) else set_ready(j) end
-    redis.call('HINCRBY', K_STATS, 'retried', 1)
+    stat('retried', 1)
   end
   return finish(1)
 
@@ -451,12 +554,13 @@ elseif op == 'release' then
   if not j or j.st == 'x' or j.tk ~= ARGV[4] then return 0 end
   unindex(j)
   redis.call('HDEL', jkey(id), 'tk')
-  redis.call('HSET', jkey(id), 'at', math.max(j.at - 1, 0))
+  redis.call('HSET', jkey(id), 'at', istr(math.max(j.at - 1, 0)))
   set_ready(j)
   return finish(1)
 
 elseif op == 'stats' then
-  local v = redis.call('HMGET', K_STATS, 'put', 'acked', 'retried', 'expired', 'failed')
+  local v = redis.pcall('HMGET', K_STATS, 'put', 'acked', 'retried', 'expired', 'failed')
+  if v.err then v = {} end
   local due_d = redis.call('ZCOUNT', K_DELAYED, '-inf', now)
   local due_p = redis.call('ZCOUNT', K_PARKED, '-inf', now)
   local out = {
@@ -470,14 +574,30 @@ elseif op == 'stats' then
 elseif op == 'dead' then
   -- ARGV: 3 limit
   local out = {}
-  for _, m in ipairs(redis.call('ZRANGE', K_DEAD, 0, tonumber(ARGV[3]) - 1)) do
-    local id = tonumber(m)
-    local v = {false, false, false, false, false, false, false}
-    if redis.call('TYPE', jkey(id)).ok == 'hash' then
-      v = redis.call('HMGET', jkey(id), 'd', 'at', 'eq', 'da', 'er', 'k', 'g')
+  local limit = tonumber(ARGV[3])
+  local members = redis.call('ZRANGE', K_DEAD, 0, limit - 1)
+  local stray = false
+  for _, m in ipairs(members) do
+    if not idof(m) then
+      bury_stray(K_DEAD, 'dead', m)
+      stray = true
     end
-    out[#out + 1] = id
-    for i = 1, 7 do out[#out + 1] = v[i] end
+  end
+  if stray then members = redis.call('ZRANGE', K_DEAD, 0, limit - 1) end
+  for _, m in ipairs(members) do
+    local id = idof(m)
+    if id then
+      local v = {false, false, false, false, false, false, false}
+      if redis.call('TYPE', jkey(id)).ok == 'hash' then
+        v = redis.call('HMGET', jkey(id), 'd', 'at', 'eq', 'da', 'er', 'k', 'g')
+      end
+      out[#out + 1] = id
+      out[#out + 1] = v[1]
+      out[#out + 1] = istr(int(v[2]) or 0)
+      out[#out + 1] = fmt(num(v[3]) or 0)
+      out[#out + 1] = fmt(num(v[4]) or 0)
+      for i = 5, 7 do out[#out + 1] = v[i] end
+    end
   end
   return out
 
@@ -495,8 +615,8 @@ elseif op == 'requeue' then
   end
   local n = 0
   for _, m in ipairs(members) do
-    local id = tonumber(m)
-    local j = load(id)
+    local id = idof(m)
+    local j = id and load(id)
     if j and j.st == 'x' then
       local key = jkey(id)
       redis.call('ZREM', K_DEAD, m)
@@ -513,12 +633,15 @@ elseif op == 'purge' then
   local n = 0
   if ARGV[3] == '1' then
     for _, m in ipairs(redis.call('ZRANGE', K_DEAD, 0, -1)) do
-      local key = jkey(tonumber(m))
-      if redis.call('TYPE', key).ok == 'hash' then
-        local k = redis.call('HGET', key, 'k')
-        if k and redis.call('HGET', K_KEYS, k) == m then redis.call('HDEL', K_KEYS, k) end
+      local id = idof(m)
+      if id then
+        local key = jkey(id)
+        if redis.call('TYPE', key).ok == 'hash' then
+          local k = redis.call('HGET', key, 'k')
+          if k and redis.call('HGET', K_KEYS, k) == m then redis.call('HDEL', K_KEYS, k) end
+        end
+        redis.call('DEL', key)
       end
-      redis.call('DEL', key)
       n = n + 1
     end
     redis.call('DEL', K_DEAD)
@@ -526,7 +649,7 @@ elseif op == 'purge' then
   end
   for _, index in ipairs({K_READY, K_DELAYED, K_LEASED, K_PARKED, K_DEAD}) do
     for _, m in ipairs(redis.call('ZRANGE', index, 0, -1)) do
-      redis.call('DEL', jkey(tonumber(m)))
+      if idof(m) then redis.call('DEL', jkey(idof(m))) end
       n = n + 1
     end
   end
@@ -559,7 +682,10 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogatepass")
+        try:
+            return value.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:  # not what we wrote (a corrupt key, group or error)
+            return value.decode("utf-8", "replace")
     return str(value)
 
 
