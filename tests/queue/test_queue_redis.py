@@ -5,6 +5,7 @@ Cluster (a real one-node and two-node cluster)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -105,12 +106,62 @@ def test_corrupt_entries_go_to_dead_letters(redis_server: Any, r: redis.Redis) -
 
 
 def test_script_cache_flushed(redis_server: Any, r: redis.Redis) -> None:
-    with Queue("jobs", redis_server.url) as q:
+    shas = procwire.queue._redis.SHAS
+    with Queue("jobs", redis_server.url, max_attempts=1) as q:
         q.put(1)
         r.script_flush()
         q.put(2)  # NOSCRIPT: sent again as EVAL, which caches it again
-        assert r.script_exists(procwire.queue._redis.SHA) == [True]
+        assert r.script_exists(shas["put"]) == [True]
         assert [j.data for j in q.get_many(5, timeout=0)] == [1, 2]
+        # Every operation has a script of its own: each finds its way back after a flush.
+        q.put_many([3, 4, 5, 6])
+
+        def flushed(call: Any) -> Any:
+            r.script_flush()
+            return call()
+
+        a, b, c, d = flushed(lambda: q.get_many(4, timeout=0))
+        flushed(a.ack)
+        flushed(lambda: b.extend(30))
+        flushed(c.release)
+        flushed(lambda: d.fail("why"))
+        assert flushed(q.stats).dead == 1
+        assert [x.data for x in flushed(q.dead_letters)] == [6]
+        assert flushed(q.requeue_dead) == 1
+        job = flushed(lambda: q.get(timeout=0))
+        assert job is not None
+        flushed(job.nack)  # max_attempts=1: dead
+        assert flushed(q.purge) == 5  # 1, 2 and b leased, c dead, d ready
+        assert r.script_exists(shas["purge"], shas["put"]) == [True, False]
+        with pytest.raises(procwire.queue.LeaseLost):
+            b.ack()
+
+
+def test_fork_child_uses_own_connection(redis_server: Any, r: redis.Redis) -> None:
+    with Queue("jobs", redis_server.url) as q:
+        q.put("parent")
+        assert q.stats().ready == 1  # the parent has a pooled connection before the fork
+        q.backend.wake_generation()  # and a subscriber thread
+        parent_ids = {c["id"] for c in r.client_list()}
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                backend = q.backend
+                assert isinstance(backend, RedisBackend) and backend._free == []
+                job = q.get(timeout=5)
+                if job is not None and job.data == "parent":
+                    job.ack()
+                    q.put("child")
+                    code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        job = q.get(timeout=5)  # the parent's connection is still in step
+        assert job is not None and job.data == "child"
+        job.ack()
+        assert {c["id"] for c in r.client_list()} & parent_ids == parent_ids
 
 
 def test_redis_down_times_out_then_recovers(redis_server: Any) -> None:
