@@ -395,3 +395,24 @@ def test_bad_fields_and_counters(redis_server: Any, r: redis.Redis) -> None:
             assert "lacks fields or holds bad values" in (dead[i].error or "")
         assert q.stats().acked == 3  # the counter started again
         assert q.put("dup", key="k") != q.put("dup2", key="k2")
+
+
+def test_big_batches_and_a_job_acked_twice_in_one_call(redis_server: Any,
+                                                       r: redis.Redis) -> None:
+    # Scripts apply a batch's index changes in commands of up to 1000 members each.
+    with Queue("jobs", redis_server.url) as q:
+        ids = q.put_many(list(range(2500)))
+        assert r.zcard(P + "ready") == 2500
+        jobs = q.get_many(2500, timeout=0)
+        assert [j.data for j in jobs] == list(range(2500))
+        assert r.zcard(P + "leased") == 2500 and r.zcard(P + "ready") == 0
+        q.ack_many(jobs)
+        assert q.stats().acked == 2500
+        assert sorted(k.decode() for k in r.scan_iter(count=5000)) == [P + "seq", P + "stats"]
+        q.put("once")
+        job = q.get(timeout=0)
+        assert job is not None and job.id == ids[-1] + 1
+        with pytest.raises(procwire.queue.LeaseLost) as info:
+            q.ack_many([job, job])
+        assert info.value.ids == [job.id]
+        assert q.stats().acked == 2501

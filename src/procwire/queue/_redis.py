@@ -329,24 +329,49 @@ local function opt(s) -- '' is None, '=value' is value
 end
 
 -- Delete the jobs whose token matches; returns the ids that did not.
+-- One command over many keys or members (a list of up to thousands), 1000 at a time (Lua's
+-- unpack has a limit).
+local function bulk(cmd, key, list)
+  for s = 1, #list, 1000 do
+    local e = math.min(s + 999, #list)
+    if key then
+      redis.call(cmd, key, unpack(list, s, e))
+    else
+      redis.call(cmd, unpack(list, s, e))
+    end
+  end
+end
+
+-- Delete the jobs whose token matches; returns the ids that did not. Only the fields an ack
+-- needs are read: a held job is deleted even when its other fields are corrupt. The index
+-- entries and records go in one command each at the end.
 local function ack(first)
-  local lost = {}
+  local lost, seen, dels, unidx = {}, {}, {}, {}
   local acked = 0
   for i = first, #ARGV, 2 do
     local id = tonumber(ARGV[i])
-    local j = load(id)
-    if j and j.st ~= 'x' and j.tk == ARGV[i + 1] then
-      unindex(j)
-      redis.call('DEL', jkey(id))
-      if j.k and redis.call('HGET', K_KEYS, j.k) == mem(id) then
-        redis.call('HDEL', K_KEYS, j.k)
+    local key = jkey(id)
+    local v = redis.pcall('HMGET', key, 'st', 'tk', 'k', 'g')
+    local st = not v.err and v[1]
+    if st and st ~= 'x' and INDEX[st] and v[2] == ARGV[i + 1] and not seen[id] then
+      seen[id] = true
+      local m = mem(id)
+      local list = unidx[INDEX[st]]
+      if not list then
+        list = {}
+        unidx[INDEX[st]] = list
       end
-      if j.g then leave_group(j.g, id) end
+      list[#list + 1] = m
+      dels[#dels + 1] = key
+      if v[3] and redis.call('HGET', K_KEYS, v[3]) == m then redis.call('HDEL', K_KEYS, v[3]) end
+      if v[4] then leave_group(v[4], id) end
       acked = acked + 1
     else
       lost[#lost + 1] = id
     end
   end
+  for index, list in pairs(unidx) do bulk('ZREM', index, list) end
+  bulk('DEL', false, dels)
   if acked > 0 then stat('acked', acked) end
   return lost
 end
@@ -437,6 +462,7 @@ for i = 3, #ARGV, 6 do
 end
 local ids = {}
 local inserted = 0
+local ready = {} -- score, member pairs: one ZADD at the end
 for i = 3, #ARGV, 6 do
   local k, g = opt(ARGV[i + 3]), opt(ARGV[i + 4])
   local holder = false
@@ -453,25 +479,35 @@ for i = 3, #ARGV, 6 do
     local delay = tonumber(ARGV[i + 1])
     local due = now + delay
     local key = jkey(id)
-    redis.call('HSET', key, 'd', ARGV[i], 'pr', ARGV[i + 2], 'vis', fmt(due), 'eq', fmt(now),
-               'at', '0', 'ma', ARGV[i + 5], 'st', 'p')
-    local j = {id = id, pr = tonumber(ARGV[i + 2]), g = g}
+    local st = 'r'
+    if g then st = 'p' elseif delay > 0 then st = 'd' end
+    local f = {'d', ARGV[i], 'pr', ARGV[i + 2], 'vis', fmt(due), 'eq', fmt(now), 'at', '0',
+               'ma', ARGV[i + 5], 'st', st}
     if k then
-      redis.call('HSET', key, 'k', k)
+      f[#f + 1] = 'k'
+      f[#f + 1] = k
       redis.call('HSET', K_KEYS, k, mem(id))
     end
     if g then
-      redis.call('HSET', key, 'g', g)
-      enter_group(j, due)
+      f[#f + 1] = 'g'
+      f[#f + 1] = g
+    end
+    redis.call('HSET', key, unpack(f))
+    if g then
+      enter_group({id = id, pr = tonumber(ARGV[i + 2]), g = g}, due)
     elseif delay > 0 then
-      set_delayed(j, due)
+      redis.call('ZADD', K_DELAYED, due, mem(id))
+      woke = true
     else
-      set_ready(j)
+      ready[#ready + 1] = -tonumber(ARGV[i + 2])
+      ready[#ready + 1] = mem(id)
+      woke = true
     end
     ids[#ids + 1] = id
     inserted = inserted + 1
   end
 end
+bulk('ZADD', K_READY, ready)
 if inserted > 0 then stat('put', inserted) end
 return finish(ids)
 """,
@@ -486,16 +522,19 @@ if n > 0 then
   local full = sweep()
   local buried = false
   local until_ = now + lease
-  for _, m in ipairs(redis.call('ZRANGE', K_READY, 0, n - 1)) do
+  local leased = {} -- score, member pairs: one ZADD at the end
+  -- The first n (priority, then id) leave the ready set in one command.
+  local popped = redis.call('ZPOPMIN', K_READY, n)
+  for p = 1, #popped, 2 do
+    local m = popped[p]
     local id = idof(m)
     local j, ty
     if id then j, ty = load(id) end
     if j and j.st == 'r' then
-      redis.call('ZREM', K_READY, m)
-      local key = jkey(id)
-      redis.call('HSET', key, 'st', 'l', 'tk', token, 'at', istr(j.at + 1),
+      redis.call('HSET', jkey(id), 'st', 'l', 'tk', token, 'at', istr(j.at + 1),
                  'vis', fmt(until_))
-      redis.call('ZADD', K_LEASED, until_, m)
+      leased[#leased + 1] = until_
+      leased[#leased + 1] = m
       for _, v in ipairs({id, j.d, j.at + 1, fmt(j.eq), istr(j.pr), j.k, j.g,
                           fmt(until_)}) do
         jobs[#jobs + 1] = v
@@ -504,7 +543,6 @@ if n > 0 then
       if not id then
         bury_stray(K_READY, 'ready', m)
       elseif not j then
-        redis.call('ZREM', K_READY, m)
         bury_corrupt(id, ty)
       else
         misplaced(K_READY, 'ready', m, j)
@@ -512,6 +550,7 @@ if n > 0 then
       buried = true
     end
   end
+  bulk('ZADD', K_LEASED, leased)
   if #jobs == 0 then
     if buried or full or redis.call('ZCARD', K_READY) > 0 then
       next_due = '0'
