@@ -4,6 +4,8 @@ Cluster (a real one-node and two-node cluster)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -104,12 +106,62 @@ def test_corrupt_entries_go_to_dead_letters(redis_server: Any, r: redis.Redis) -
 
 
 def test_script_cache_flushed(redis_server: Any, r: redis.Redis) -> None:
-    with Queue("jobs", redis_server.url) as q:
+    shas = procwire.queue._redis.SHAS
+    with Queue("jobs", redis_server.url, max_attempts=1) as q:
         q.put(1)
         r.script_flush()
         q.put(2)  # NOSCRIPT: sent again as EVAL, which caches it again
-        assert r.script_exists(procwire.queue._redis.SHA) == [True]
+        assert r.script_exists(shas["put"]) == [True]
         assert [j.data for j in q.get_many(5, timeout=0)] == [1, 2]
+        # Every operation has a script of its own: each finds its way back after a flush.
+        q.put_many([3, 4, 5, 6])
+
+        def flushed(call: Any) -> Any:
+            r.script_flush()
+            return call()
+
+        a, b, c, d = flushed(lambda: q.get_many(4, timeout=0))
+        flushed(a.ack)
+        flushed(lambda: b.extend(30))
+        flushed(c.release)
+        flushed(lambda: d.fail("why"))
+        assert flushed(q.stats).dead == 1
+        assert [x.data for x in flushed(q.dead_letters)] == [6]
+        assert flushed(q.requeue_dead) == 1
+        job = flushed(lambda: q.get(timeout=0))
+        assert job is not None
+        flushed(job.nack)  # max_attempts=1: dead
+        assert flushed(q.purge) == 5  # 1, 2 and b leased, c dead, d ready
+        assert r.script_exists(shas["purge"], shas["put"]) == [True, False]
+        with pytest.raises(procwire.queue.LeaseLost):
+            b.ack()
+
+
+def test_fork_child_uses_own_connection(redis_server: Any, r: redis.Redis) -> None:
+    with Queue("jobs", redis_server.url) as q:
+        q.put("parent")
+        assert q.stats().ready == 1  # the parent has a pooled connection before the fork
+        q.backend.wake_generation()  # and a subscriber thread
+        parent_ids = {c["id"] for c in r.client_list()}
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                backend = q.backend
+                assert isinstance(backend, RedisBackend) and backend._free == []
+                job = q.get(timeout=5)
+                if job is not None and job.data == "parent":
+                    job.ack()
+                    q.put("child")
+                    code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        job = q.get(timeout=5)  # the parent's connection is still in step
+        assert job is not None and job.data == "child"
+        job.ack()
+        assert {c["id"] for c in r.client_list()} & parent_ids == parent_ids
 
 
 def test_redis_down_times_out_then_recovers(redis_server: Any) -> None:
@@ -228,3 +280,139 @@ def test_redis_cluster_follows_moved() -> None:
     finally:
         a.close()
         b.close()
+
+
+P = "procwire:{jobs}:"
+
+
+def _drain(q: Queue, limit: int = 100) -> list[Any]:
+    got = []
+    for _ in range(limit):
+        job = q.get(timeout=0)
+        if job is None:
+            break
+        got.append(job.data)
+        job.ack()
+    return got
+
+
+def test_stray_set_members_go_to_dead_letters(redis_server: Any, r: redis.Redis) -> None:
+    # Members we never wrote, in every sorted set a script walks: none wedges the queue.
+    with Queue("jobs", redis_server.url) as q:
+        ids = q.put_many(["a", "b", Item("d", delay=0.05), Item("g1", group="g"),
+                          Item("g2", group="g")])
+        r.zadd(P + "ready", {"garbage": -100, "1": -100, "-3": -100, "1.5e0": -100})
+        r.zadd(P + "delayed", {"junk": 0, "nan": 1})
+        r.zadd(P + "leased", {"x": 0})  # an expired "lease"
+        r.zadd(P + "g:" + hashlib.sha1(b"g").hexdigest(), {"zzz": 0})
+        r.zadd(P + "dead", {"nope": 0})
+        time.sleep(0.06)
+        got = _drain(q)
+        assert sorted(got) == ["a", "b", "d", "g1", "g2"]
+        dead = q.dead_letters()
+        raws = sorted(d.raw for d in dead)
+        assert raws == sorted([b"garbage", b"1", b"-3", b"1.5e0", b"junk", b"nan", b"x",
+                               b"zzz", b"nope"])
+        for d in dead:
+            assert d.error is not None and d.error.startswith("corrupt entry: a member of the")
+            assert "is not a job id" in d.error
+            assert d.id > max(ids)  # a dead letter of its own: no real job was touched
+        assert "ready set" in next(d.error or "" for d in dead if d.raw == b"garbage")
+        assert "delayed set" in next(d.error or "" for d in dead if d.raw == b"junk")
+        assert "leased set" in next(d.error or "" for d in dead if d.raw == b"x")
+        assert "group set" in next(d.error or "" for d in dead if d.raw == b"zzz")
+        assert "dead set" in next(d.error or "" for d in dead if d.raw == b"nope")
+        s = q.stats()
+        assert (s.ready, s.delayed, s.leased, s.dead) == (0, 0, 0, 9)
+        assert s.acked == 5
+        # The queue carries on, and the stubs can be purged like any dead letter.
+        q.put("after")
+        assert _drain(q) == ["after"]
+        assert q.purge(dead_only=True) == 9
+        left = sorted(k.decode() for k in r.scan_iter(count=1000))
+        assert left == [P + "seq", P + "stats"], left
+
+
+def test_misplaced_member_is_not_leased_twice(redis_server: Any, r: redis.Redis) -> None:
+    with Queue("jobs", redis_server.url) as q:
+        q.put_many(["held", "lost", "next"])
+        held = q.get(timeout=0)
+        assert held is not None and held.data == "held"
+        # A second entry for a leased job in the ready set: it must not be handed out again.
+        r.zadd(P + "ready", {f"{held.id:016d}": -100})
+        # A leased job whose record says leased but which sits only in the ready set: it is
+        # in no index of its own, so it goes to the dead letters with a reason.
+        lost = q.get(timeout=0)
+        assert lost is not None and lost.data == "lost"
+        r.zrem(P + "leased", f"{lost.id:016d}")
+        r.zadd(P + "ready", {f"{lost.id:016d}": -100})
+        nxt = q.get(timeout=0)
+        assert nxt is not None and nxt.data == "next"
+        nxt.ack()
+        assert q.get(timeout=0) is None
+        held.ack()  # untouched: its holder still acks it
+        with pytest.raises(procwire.queue.LeaseLost):
+            lost.ack()
+        dead = {d.raw: d for d in q.dead_letters()}
+        assert set(dead) == {f"{held.id:016d}".encode(), b'"lost"'}
+        assert dead[b'"lost"'].id == lost.id and dead[b'"lost"'].data == "lost"
+        assert dead[b'"lost"'].error == ("corrupt entry: its record says leased but it was "
+                                         "in the ready set")
+        stub = dead[f"{held.id:016d}".encode()]
+        assert stub.error == (f"corrupt entry: the ready set also listed job {held.id}, which "
+                              f"is leased (the entry was removed)")
+        s = q.stats()
+        assert (s.ready, s.leased, s.dead) == (0, 0, 2)
+
+
+def test_bad_fields_and_counters(redis_server: Any, r: redis.Redis) -> None:
+    with Queue("jobs", redis_server.url, backoff=0) as q:
+        ids = q.put_many(["nan", "inf", "pr", "ma", "fine"])
+        r.hset(f"{P}j:{ids[0]}", "vis", "nan")
+        r.hset(f"{P}j:{ids[1]}", "at", "inf")
+        r.hset(f"{P}j:{ids[2]}", "pr", "1.5")
+        r.hset(f"{P}j:{ids[3]}", "ma", "2.5")
+        # Counters and the id sequence overwritten; dedup and group heads pointing nowhere.
+        r.hset(P + "stats", "acked", "lots")
+        r.hset(P + "keys", "k", "garbage")
+        r.hset(P + "heads", "g", "garbage")
+        r.hset(f"{P}j:{ids[4]}", "k", b"\xff\xfe")  # a key that is not UTF-8
+        r.set(P + "seq", "abc")
+        more = q.put_many([Item("keyed", key="k"), Item("grouped", group="g")])
+        assert len(set(more)) == 2 and min(more) > max(ids)  # no id reused
+        got = []
+        for _ in range(20):
+            job = q.get(timeout=0)
+            if job is None:
+                break
+            got.append((job.data, job.key))
+            job.ack()
+        assert sorted(got, key=str) == sorted([("fine", "\ufffd\ufffd"), ("keyed", "k"),
+                                               ("grouped", None)], key=str)
+        dead = {d.id: d for d in q.dead_letters()}
+        assert sorted(dead) == ids[:4]
+        for i in ids[:4]:
+            assert "lacks fields or holds bad values" in (dead[i].error or "")
+        assert q.stats().acked == 3  # the counter started again
+        assert q.put("dup", key="k") != q.put("dup2", key="k2")
+
+
+def test_big_batches_and_a_job_acked_twice_in_one_call(redis_server: Any,
+                                                       r: redis.Redis) -> None:
+    # Scripts apply a batch's index changes in commands of up to 1000 members each.
+    with Queue("jobs", redis_server.url) as q:
+        ids = q.put_many(list(range(2500)))
+        assert r.zcard(P + "ready") == 2500
+        jobs = q.get_many(2500, timeout=0)
+        assert [j.data for j in jobs] == list(range(2500))
+        assert r.zcard(P + "leased") == 2500 and r.zcard(P + "ready") == 0
+        q.ack_many(jobs)
+        assert q.stats().acked == 2500
+        assert sorted(k.decode() for k in r.scan_iter(count=5000)) == [P + "seq", P + "stats"]
+        q.put("once")
+        job = q.get(timeout=0)
+        assert job is not None and job.id == ids[-1] + 1
+        with pytest.raises(procwire.queue.LeaseLost) as info:
+            q.ack_many([job, job])
+        assert info.value.ids == [job.id]
+        assert q.stats().acked == 2501
