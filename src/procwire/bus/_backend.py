@@ -15,9 +15,12 @@ import importlib
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import AddressError
+
+if TYPE_CHECKING:
+    from ._core import Event
 
 __all__ = ["Backend", "Sink", "backend_for"]
 
@@ -35,9 +38,9 @@ class Sink(Protocol):
 
     def on_event(self, name: str, data: Any) -> None: ...
 
-    def on_events(self, items: list[Any]) -> None:
-        """Several ``(name, data)`` pairs that arrived together, in order (cheaper than
-        ``on_event`` for each)."""
+    def on_events(self, items: list[Event]) -> None:
+        """Several events that arrived together, in order (cheaper than ``on_event`` for
+        each)."""
 
     def on_request(self, name: str, request: dict[str, Any]) -> None:
         """``request`` has ``id`` (str), ``reply_to`` (str) and ``data``."""

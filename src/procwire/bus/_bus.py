@@ -64,6 +64,14 @@ def _check_emit_name(event: str) -> None:
         raise ValueError(f"event names under {RESERVED_PREFIX!r} are the bus's own notices")
 
 
+def _check_emit_names(batch: list[tuple[str, Any]]) -> None:
+    last: object = None
+    for name, _ in batch:
+        if name is not last:  # a run of one name (the same str object) is checked once
+            _check_emit_name(name)
+            last = name
+
+
 def _raise_for_reply(name: str, reply: dict[str, Any]) -> Any:
     if reply.get("closed"):
         raise ChannelClosed("the bus was closed while waiting for a reply")
@@ -287,8 +295,7 @@ class Bus(_BusBase):
         (Redis: through the outbox, with the emits around it); returns once all are confirmed.
         Every event is checked and encoded before any is sent."""
         batch = list(events)
-        for name, _ in batch:
-            _check_emit_name(name)
+        _check_emit_names(batch)
         self._check_usable()
         try:
             self._backend.publish_many(batch, self.emit_timeout if timeout is None else timeout)
@@ -599,8 +606,7 @@ class AsyncBus(_BusBase):
                         timeout: float | None = None) -> None:
         """See :meth:`Bus.emit_many`."""
         batch = list(events)
-        for name, _ in batch:
-            _check_emit_name(name)
+        _check_emit_names(batch)
         await self.start()
         try:
             await self._io(self._backend.publish_many, batch,

@@ -32,6 +32,10 @@ Policy = Literal["block", "drop_oldest", "disconnect"]
 POLICIES: tuple[str, ...] = ("block", "drop_oldest", "disconnect")
 DEFAULT_MAXSIZE = 10_000
 DEFAULT_POLICY: Policy = "block"
+# Events one get() may move out of the buffer at once (the rest wait in the subscription's
+# _ready for the next gets, which then take no lock): a subscription holds at most maxsize
+# events in its buffer plus PREFETCH - 1 already taken.
+PREFETCH = 128
 _BATCH = 64  # items a dispatcher takes from one subscription before serving the next
 
 
@@ -91,6 +95,9 @@ class Subscription:
         self._callback = callback
         self._dispatcher = dispatcher
         self._buf: deque[Any] = deque()
+        # Events a getter moved out of _buf in one go (at most PREFETCH - 1) and hands out
+        # without the lock; they count as taken already (see ``taken``).
+        self._ready: deque[Any] = deque()
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
@@ -106,7 +113,7 @@ class Subscription:
         self.handler: Callable[..., Any] | None = None
         # counters
         self.received = 0
-        self.taken = 0
+        self._moved = 0  # out of _buf: handed out, or in _ready
         self.dropped = 0
         self.blocked = 0
 
@@ -201,19 +208,57 @@ class Subscription:
 
     # -- consumer side --------------------------------------------------------------------
 
+    @property
+    def taken(self) -> int:
+        """Events handed out so far."""
+        return self._moved - len(self._ready)
+
     def _pop(self) -> Any:
         item = self._buf.popleft()
-        self.taken += 1
+        self._moved += 1
         if self._putters:
             self._not_full.notify()
         return item
 
+    def _pop_some(self) -> Any:
+        """Under the lock, with events in _buf: the first one, and up to PREFETCH - 1 more
+        moved to _ready, so the next gets take no lock (a burst costs one lock, not one each).
+        """
+        buf = self._buf
+        item = buf.popleft()
+        k = len(buf)
+        if k:
+            if k < PREFETCH:
+                self._ready.extend(buf)
+                buf.clear()
+            else:
+                k = PREFETCH - 1
+                popleft = buf.popleft
+                self._ready.extend([popleft() for _ in range(k)])
+        self._moved += 1 + k
+        if self._putters:
+            self._not_full.notify_all()
+        return item
+
     def get(self, timeout: float | None = None) -> Event:
         """The next event; ``procwire.Timeout`` after ``timeout`` seconds (None: wait)."""
+        ready = self._ready
+        if ready:
+            try:
+                item: Event = ready.popleft()
+                return item
+            except IndexError:  # another thread took it
+                pass
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._getter_ident = threading.get_ident()
             while not self._buf:
+                if ready:  # refilled by another getter thread
+                    try:
+                        item = ready.popleft()
+                        return item
+                    except IndexError:
+                        pass
                 if self._closed:
                     raise self._closed_error()
                 if deadline is None:
@@ -227,14 +272,19 @@ class Subscription:
                     self._not_empty.wait(wait)
                 finally:
                     self._getters -= 1
-            item: Event = self._pop()
+            item = self._pop_some()
             return item
 
     def get_nowait(self) -> Event | None:
         """The next event if one is buffered, else None (raises once closed and drained)."""
+        try:
+            item: Event = self._ready.popleft()
+            return item
+        except IndexError:
+            pass
         with self._lock:
             if self._buf:
-                item: Event = self._pop()
+                item = self._pop()
                 return item
             if self._closed:
                 raise self._closed_error()
@@ -245,9 +295,14 @@ class Subscription:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
+            try:
+                item: Event = self._ready.popleft()
+                return item
+            except IndexError:
+                pass
             with self._lock:
                 if self._buf:
-                    item: Event = self._pop()
+                    item = self._pop()
                     return item
                 if self._closed:
                     raise self._closed_error()
@@ -276,7 +331,7 @@ class Subscription:
             buf = self._buf
             k = min(n, len(buf))
             items = [buf.popleft() for _ in range(k)]
-            self.taken += k
+            self._moved += k
             if not buf:
                 self._scheduled = False
             if self._putters and k:
@@ -290,6 +345,12 @@ class Subscription:
         return self
 
     def __next__(self) -> Event:
+        if self._ready:  # get()'s lock-free path, inline: iteration is the hot loop
+            try:
+                item: Event = self._ready.popleft()
+                return item
+            except IndexError:
+                pass
         try:
             return self.get(self.timeout)
         except ChannelClosed:
@@ -317,6 +378,8 @@ class Subscription:
                 self._close_error = error
             if clear:
                 self._buf.clear()
+                self._moved -= len(self._ready)
+                self._ready.clear()
             self._not_full.notify_all()
             self._not_empty.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
@@ -331,13 +394,14 @@ class Subscription:
         (times the delivery waited for room), ``queued`` now, ``closed`` and why."""
         with self._lock:
             return {"pattern": self.pattern, "policy": self.policy, "maxsize": self.maxsize,
-                    "queued": len(self._buf), "received": self.received, "taken": self.taken,
+                    "queued": len(self._buf) + len(self._ready), "received": self.received,
+                    "taken": self.taken,
                     "dropped": self.dropped, "blocked": self.blocked, "closed": self._closed,
                     "reason": getattr(self._close_error, "reason", None)
                     if self._closed else None}
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._buf)} queued"
+        state = "closed" if self._closed else f"{len(self._buf) + len(self._ready)} queued"
         return f"<Subscription {self.pattern!r} {self.policy} maxsize={self.maxsize} {state}>"
 
     # -- handler invocation (dispatchers) --------------------------------------------------
@@ -528,29 +592,35 @@ class BusCore:
             for sub in routes:
                 sub._put(event)
 
-    def on_events(self, items: list[Any]) -> None:
-        """A batch of ``(name, data)`` pairs, in order: each subscription gets its share in
-        one ``_put_many`` (one lock and one wake-up per batch instead of per event)."""
+    def on_events(self, items: list[Event]) -> None:
+        """A batch of events, in order: each subscription gets its share in one
+        ``_put_many`` (one lock and one wake-up per batch instead of per event)."""
         self.received += len(items)
-        if len(items) == 1:
-            name, data = items[0]
-            self.received -= 1
-            self.on_event(name, data)
-            return
-        shares: dict[Subscription, list[Event]] = {}
         routes_of = self._routes.get
-        for name, data in items:
+        # The common case: every event of the batch goes to the same subscriptions (one
+        # subscription, or names that all match alike): the batch is handed over whole.
+        first = routes_of(items[0][0]) if items else None
+        if first is not None:
+            for ev in items:
+                if routes_of(ev[0]) is not first:
+                    break
+            else:
+                for sub in first:
+                    sub._put_many(items)
+                return
+        shares: dict[Subscription, list[Event]] = {}
+        for ev in items:
+            name = ev[0]
             routes = routes_of(name)
             if routes is None:
                 routes = self._route(name)
-            if routes:
-                event = Event(name, data)
-                for sub in routes:
-                    share = shares.get(sub)
-                    if share is None:
-                        shares[sub] = [event]
-                    else:
-                        share.append(event)
+                routes_of = self._routes.get  # _route may have started a new cache
+            for sub in routes:
+                share = shares.get(sub)
+                if share is None:
+                    shares[sub] = [ev]
+                else:
+                    share.append(ev)
         for sub, share in shares.items():
             sub._put_many(share)
 

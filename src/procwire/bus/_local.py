@@ -57,6 +57,7 @@ from .._sync.channel import Channel
 from .._sync.channel import connect as sync_connect
 from ._backend import Backend, Sink
 from ._broker import BROKER_POLICIES, DEFAULT_IDLE, LOCK_TAKEN
+from ._core import Event
 from ._paths import BrokerFiles, default_socket_path, wait_lock
 from ._wire import (
     VERSION,
@@ -335,8 +336,13 @@ class LocalBackend(Backend):
                 if not isinstance(body, list):
                     self.bad_frames += 1
                     continue
+                if body and type(body[0]) is not Event:  # not all [str, data] pairs
+                    good = [Event(*x) for x in body if isinstance(x, list) and len(x) == 2
+                            and isinstance(x[0], str)]
+                    self.bad_frames += 1
+                    body = good
                 self.events_received += len(body)
-                sink.on_events(body)  # the broker checked them: [str, data] pairs
+                sink.on_events(body)  # Events, decoded by decode_client_frame
             elif kind == "ok" or kind == "err":
                 slot = pending.pop(f.seq, None)
                 if slot is not None:
