@@ -242,11 +242,28 @@ class AsyncQueue:
         state = {"taken": 0}
         is_async = inspect.iscoroutinefunction(fn)
 
-        async def run_fn(arg: Any) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def settle(fut: asyncio.Future[Any]) -> Any:
+            # Wait for work on a thread to end, through cancellations (a thread cannot be
+            # stopped); then its result, or its exception.
+            while not fut.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([fut])
+            return fut.result()
+
+        async def run_fn(arg: Any, cancels: list[asyncio.CancelledError]) -> None:
+            """Run fn. A cancellation that comes while a plain fn runs is put in ``cancels``
+            and the call is let finish; a cancelled coroutine fn raises CancelledError."""
             if is_async:
                 await fn(arg)
-            else:
-                await self._call(fn, arg)
+                return
+            fut = loop.run_in_executor(self._executor(), fn, arg)
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError as exc:
+                cancels.append(exc)
+                await settle(fut)
 
         halt = asyncio.Event()  # one worker failed: the others finish their job and stop
 
@@ -268,23 +285,44 @@ class AsyncQueue:
                     continue
                 idle_since = time.monotonic()
                 renewer.add(job.job)
+                cancels: list[asyncio.CancelledError] = []
                 try:
-                    await run_fn(job if with_job else job.data)
+                    await run_fn(job if with_job else job.data, cancels)
+                except asyncio.CancelledError:
+                    # A cancelled coroutine: give its job back now rather than hold it
+                    # until the lease runs out (the attempt is not counted).
+                    renewer.remove(job.job)
+                    with contextlib.suppress(Exception):
+                        await settle(loop.run_in_executor(self._executor(), job.job.release))
+                    raise
                 except Exception as exc:
                     renewer.remove(job.job)
                     err = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                    nack = functools.partial(job.job.nack, error=err[:2000])
+                    cancel = cancels[0] if cancels else None
                     try:
-                        await job.nack(error=err[:2000])
+                        if cancel is None:
+                            await self._call(nack)
+                        else:
+                            await settle(loop.run_in_executor(self._executor(), nack))
                         result.failed += 1
                     except LeaseLost:
                         result.lost += 1
+                    if cancel is not None:
+                        raise cancel from None
                     continue
                 renewer.remove(job.job)
+                cancel = cancels[0] if cancels else None
                 try:
-                    await job.ack()
+                    if cancel is None:
+                        await job.ack()
+                    else:  # the plain fn ended after a cancel: finish its job, then stop
+                        await settle(loop.run_in_executor(self._executor(), job.job.ack))
                     result.acked += 1
                 except LeaseLost:
                     result.lost += 1
+                if cancel is not None:
+                    raise cancel
 
         async def guarded() -> None:
             try:
@@ -297,7 +335,8 @@ class AsyncQueue:
         try:
             # Every worker ends before process() does: after a failure the others finish
             # their current job (as Queue.process's threads do); when process() itself is
-            # cancelled they are cancelled too (a cancelled job's lease runs out: redelivered).
+            # cancelled they are cancelled too (a coroutine fn's job is released; a plain fn
+            # on a thread cannot be stopped, so its call is awaited and its job finished).
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
             for out in outcomes:
                 if isinstance(out, BaseException):

@@ -297,9 +297,13 @@ class Queue:
                     raise TypeError(f"stored payload is {type(payload).__name__}, not bytes")
                 data = self.codec.decode(payload)
             except Exception as exc:
-                # A corrupt row must not crash every consumer that meets it: park it.
-                self._backend.fail(raw.id, token, f"corrupt payload: {type(exc).__name__}:"
-                                   f" {exc}"[:1000], lock_timeout)
+                # A corrupt row must not crash every consumer that meets it: park it. The
+                # claim has committed (its jobs are leased, the ack it carried is applied), so
+                # a store that is locked or down now must not throw that away: the row stays
+                # leased until its lease ends and is met (and parked) again.
+                with contextlib.suppress(Exception):
+                    self._backend.fail(raw.id, token, f"corrupt payload: "
+                                       f"{type(exc).__name__}: {exc}"[:1000], lock_timeout)
                 continue
             jobs.append(Job(self, raw, data))
         next_due = res.next_due
