@@ -8,7 +8,9 @@ One foreground broker, S subscriber processes (``Bus(url).subscribe("*")``, coun
 publisher sending N events as ``emit_many`` batches of 100 (``{"id": 123, "name":
 "doSomething"}``, like ``benchmarks/bus.py``), then an end marker. Reported per run: wall time,
 events/s, and CPU microseconds (user + system, from ``/proc/<pid>/stat``) per delivery in the
-broker and in all subscribers together, per event in the publisher. ``--src A B`` runs each
+broker and in all subscribers together, per event in the publisher, and the subscribers'
+context switches (voluntary + involuntary, all threads, from ``/proc/<pid>/task/*/status``)
+per 100 deliveries, i.e. how often they sleep and wake per batch. ``--src A B`` runs each
 procwire source tree (e.g. a copy of an earlier commit's ``src``), repetitions interleaved.
 
     .venv/bin/python benchmarks/broker_fanout.py --subs 4 16
@@ -73,6 +75,17 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def ctx_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of ``pid``'s threads so far (wake-ups)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if "ctxt_switches" in line:
+                    total += int(line.split()[1])
+    return total
+
+
 def measure(src: str, subs: int, n: int) -> dict[str, Any]:
     py = sys.executable
     with Procs() as ps:
@@ -81,6 +94,7 @@ def measure(src: str, subs: int, n: int) -> dict[str, Any]:
         url = f"broker://{path}?autostart=0&queue=10000000"
         subscribers = [ps.start([py, "-c", SUB, url, src]) for _ in range(subs)]
         base = {p.pid: cpu_s(p.pid) for p in [broker, *subscribers]}
+        base_cs = {p.pid: ctx_switches(p.pid) for p in subscribers}
         pub = ps.start([py, "-c", PUB, url, src, str(n)], ready=False)
         t0 = json.loads(readline(pub, 300))["t0"]
         got = [json.loads(readline(p, 300))["n"] for p in subscribers]
@@ -89,12 +103,14 @@ def measure(src: str, subs: int, n: int) -> dict[str, Any]:
             raise RuntimeError(f"subscribers missed events: {got}")
         broker_cpu = cpu_s(broker.pid) - base[broker.pid]
         subs_cpu = sum(cpu_s(p.pid) - base[p.pid] for p in subscribers)
+        subs_cs = sum(ctx_switches(p.pid) - base_cs[p.pid] for p in subscribers)
         pub_cpu = cpu_s(pub.pid)  # includes its start-up: an upper bound
     deliveries = n * subs
     return {"wall_s": wall, "events_per_s": n / wall,
             "broker_us_per_delivery": broker_cpu / deliveries * 1e6,
             "subs_us_per_delivery": subs_cpu / deliveries * 1e6,
-            "pub_us_per_event": pub_cpu / n * 1e6}
+            "pub_us_per_event": pub_cpu / n * 1e6,
+            "subs_switches_per_100": subs_cs / deliveries * 100}
 
 
 def main() -> None:
@@ -115,11 +131,11 @@ def main() -> None:
                       + " ".join(f"{k} {v:.2f}" for k, v in r.items()), file=sys.stderr,
                       flush=True)
     keys = ["events_per_s", "broker_us_per_delivery", "subs_us_per_delivery",
-            "pub_us_per_event"]
+            "pub_us_per_event", "subs_switches_per_100"]
     print(f"\nmedians of {args.reps} repetitions, {args.n} events each [min-max]\n")
     print("| subs | source | events/s | broker CPU µs/delivery | subscribers CPU µs/delivery "
-          "| publisher CPU µs/event |")
-    print("|---:|---|---:|---:|---:|---:|")
+          "| publisher CPU µs/event | subscriber context switches per 100 deliveries |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for (src, subs), rs in results.items():
         cells = []
         for k in keys:

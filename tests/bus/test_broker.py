@@ -692,3 +692,46 @@ def test_sse_broadcast_across_workers(children: Any, tmp_path: Path) -> None:
     finally:
         for s in conns:
             s.close()
+
+
+def test_batches_in_either_spelling_reach_iterating_subscribers_in_order(brokers: Any) -> None:
+    # procwire's own pubs frames are decoded straight into Event tuples, shared by every
+    # subscription they go to; a pubs frame spelled otherwise (a raw client's JSON, with
+    # spaces) takes the general decoder; both deliver the same events, in order, also to a
+    # full 'block' subscription drained by iteration (the reader waits for room, loses none).
+    with Bus() as pub, Bus() as sub:
+        part = sub.subscribe("t.*", timeout=10)
+        every = sub.subscribe("*", timeout=10, maxsize=20, policy="block")
+        pub.emit("t.x", -1)  # confirmed: both subscriptions are registered at the broker
+        pub.emit_many([("t.x", i) for i in range(100)])  # one name: the shared-list path
+        pub.emit_many([("t.y" if i % 3 else "u", i) for i in range(60)])  # mixed names
+        s = _raw_client(brokers.path)
+        try:
+            s.sendall(_frame(HELLO))
+            assert _read_frame(s)[0] == "welcome"
+            s.sendall(_frame(["pubs", 7, "", [["t.z", i] for i in range(5)]]))
+            for _ in range(1000):
+                f = _read_frame(s)
+                if f[0] != "pubs" and f[0] != "pub":
+                    break
+            assert f[:2] == ["ok", 7]
+        finally:
+            s.close()
+        pub.emit("t.end", None)
+
+        def drain(it: Any) -> list[tuple[str, Any]]:
+            out = []
+            for ev in it:
+                assert type(ev) is Event
+                if ev.name == "t.end":
+                    return out
+                out.append((ev.name, ev.data))
+            raise AssertionError("the subscription ended early")
+
+        mixed = [("t.y" if i % 3 else "u", i) for i in range(60)]
+        raw = [("t.z", i) for i in range(5)]
+        head = [("t.x", -1), *[("t.x", i) for i in range(100)]]
+        assert drain(every) == head + mixed + raw
+        assert drain(part) == head + [e for e in mixed if e[0] != "u"] + raw
+        assert every.stats()["blocked"] > 0
+        assert sub.stats()["backend"]["bad_frames"] == 0
