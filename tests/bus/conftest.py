@@ -4,6 +4,7 @@ causes is killed and reaped at its end."""
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import shutil
 import signal
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from procwire.bus import Bus
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -138,3 +141,23 @@ def brokers(monkeypatch: pytest.MonkeyPatch) -> Iterator[Brokers]:
         finally:
             _subreaper(False)
             shutil.rmtree(folder, ignore_errors=True)
+
+
+_memory_names = itertools.count()
+
+
+@pytest.fixture
+def url() -> str:
+    """A memory:// bus of this test's own."""
+    return f"memory://test-{next(_memory_names)}"
+
+
+@pytest.fixture
+def pair(url: str) -> Iterator[tuple[Bus, Bus]]:
+    """Two buses on one memory:// bus, closed at the end."""
+    a, b = Bus(url), Bus(url)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()

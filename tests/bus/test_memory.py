@@ -4,7 +4,6 @@ request/reply, errors; blocking and asyncio."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 import time
@@ -14,23 +13,6 @@ import pytest
 
 import procwire
 from procwire.bus import AsyncBus, Bus, Event, NoResponder, RemoteError
-
-_names = itertools.count()
-
-
-@pytest.fixture
-def url() -> str:
-    return f"memory://test-{next(_names)}"
-
-
-@pytest.fixture
-def pair(url: str) -> Any:
-    a, b = Bus(url), Bus(url)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def wait_for(cond: Any, timeout: float = 5.0) -> None:

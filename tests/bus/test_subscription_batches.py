@@ -17,19 +17,6 @@ from procwire.bus import Bus, Event
 from procwire.bus._core import PREFETCH
 from procwire.bus._wire import decode_client_frame
 
-_names = itertools.count()
-
-
-@pytest.fixture
-def pair() -> Any:
-    url = f"memory://batches-{next(_names)}"
-    a, b = Bus(url), Bus(url)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
-
 
 def test_counters_stay_exact_while_part_of_a_burst_is_taken(pair: Any) -> None:
     pub, sub_bus = pair

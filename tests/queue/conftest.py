@@ -5,6 +5,7 @@ A backend joins the behaviour suite by adding its name here and a branch in ``qu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,3 +43,32 @@ def make_queue(queue_url: str) -> Iterator[Callable[..., Queue]]:
     finally:
         for q in made:
             q.close()
+
+
+def _fork_takes_the_parents_job(q: Queue,
+                               child_check: Callable[[Queue], None] | None = None) -> None:
+    """Fork: the child (after ``child_check``) takes the parent's job "parent", acks it and
+    puts "child"; the parent then gets "child" on its own connections, which still work."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            if child_check is not None:
+                child_check(q)
+            job = q.get(timeout=5)
+            if job is not None and job.data == "parent":
+                job.ack()
+                q.put("child")
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    job = q.get(timeout=5)  # the parent's connection is still in step
+    assert job is not None and job.data == "child"
+    job.ack()
+
+
+@pytest.fixture
+def fork_takes_the_parents_job() -> Callable[..., None]:
+    return _fork_takes_the_parents_job

@@ -5,7 +5,6 @@ Cluster (a real one-node and two-node cluster)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -137,30 +136,19 @@ def test_script_cache_flushed(redis_server: Any, r: redis.Redis) -> None:
             b.ack()
 
 
-def test_fork_child_uses_own_connection(redis_server: Any, r: redis.Redis) -> None:
+def test_fork_child_uses_own_connection(redis_server: Any, r: redis.Redis,
+                                        fork_takes_the_parents_job: Any) -> None:
     with Queue("jobs", redis_server.url) as q:
         q.put("parent")
         assert q.stats().ready == 1  # the parent has a pooled connection before the fork
         q.backend.wake_generation()  # and a subscriber thread
         parent_ids = {c["id"] for c in r.client_list()}
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            code = 1
-            try:
-                backend = q.backend
-                assert isinstance(backend, RedisBackend) and backend._free == []
-                job = q.get(timeout=5)
-                if job is not None and job.data == "parent":
-                    job.ack()
-                    q.put("child")
-                    code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        job = q.get(timeout=5)  # the parent's connection is still in step
-        assert job is not None and job.data == "child"
-        job.ack()
+
+        def no_inherited_connections(child_q: Queue) -> None:
+            backend = child_q.backend
+            assert isinstance(backend, RedisBackend) and backend._free == []
+
+        fork_takes_the_parents_job(q, no_inherited_connections)
         assert {c["id"] for c in r.client_list()} & parent_ids == parent_ids
 
 

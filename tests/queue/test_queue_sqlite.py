@@ -4,12 +4,12 @@ wake-ups from other processes, forks."""
 from __future__ import annotations
 
 import gc
-import os
 import sqlite3
 import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,26 +160,12 @@ def test_long_path_wakeups(tmp_path: Path) -> None:
         assert q.backend.wake_generation() > gen
 
 
-def test_fork_child_uses_own_connection(tmp_path: Path) -> None:
+def test_fork_child_uses_own_connection(tmp_path: Path,
+                                        fork_takes_the_parents_job: Any) -> None:
     with Queue("x", f"sqlite:///{tmp_path}/q.db") as q:
         q.put("parent")
         q.backend.wake_generation()  # a waker thread and socket exist before the fork
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            code = 1
-            try:
-                job = q.get(timeout=5)
-                if job is not None and job.data == "parent":
-                    job.ack()
-                    q.put("child")
-                    code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        job = q.get(timeout=5)  # the parent's connection still works
-        assert job is not None and job.data == "child"
-        job.ack()
+        fork_takes_the_parents_job(q)
 
 
 def test_unclosed_queue_warns(tmp_path: Path) -> None:
