@@ -101,6 +101,31 @@ def test_waits_for_the_lock_longer_than_one_busy_slice(tmp_path: Path) -> None:
             assert job is not None and job.data == want
             job.ack()
 
+def test_processes_racing_to_open_a_new_file_all_succeed(children, tmp_path: Path) -> None:
+    """A new file is switched to WAL by its first opener, which needs an exclusive lock that
+    SQLite takes without its busy handler: a process that opened the file at the same moment
+    got "database is locked" at once (a get then returned None, a put raised Timeout).
+    Opening tries again until the lock is free. Six processes open the same new file at one
+    instant, ten times over (before the fix most rounds had a failure)."""
+    rounds = 10
+    start = time.time() + 1.5  # after every child has imported procwire
+    code = ("import sys, time\nfrom procwire.queue import Queue\n"
+            "folder, start, rounds = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])\n"
+            "for r in range(rounds):\n"
+            "    while time.time() < start + 0.3 * r:\n"
+            "        time.sleep(0.0005)\n"
+            "    with Queue('x', f'sqlite:///{folder}/q{r}.db') as q:\n"
+            "        q.put(r)\n")
+    procs = [children.python(code, str(tmp_path), str(start), str(rounds), stderr=-1)
+             for _ in range(6)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode()
+    for r in range(rounds):
+        with Queue("x", f"sqlite:///{tmp_path}/q{r}.db") as q:
+            assert q.stats().ready == 6
+
+
 def test_corrupt_row_goes_to_dead_letters(tmp_path: Path) -> None:
     with Queue("x", f"sqlite:///{tmp_path}/q.db") as q:
         bad = q.put({"ok": False})

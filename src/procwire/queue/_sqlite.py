@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -39,6 +40,9 @@ NOW = f"SELECT {NOW_SQL}"
 # Setting busy_timeout to each call's own timeout instead costs a statement on most calls (a
 # get and an ack have different timeouts); a deadline is kept to within one slice.
 BUSY_SLICE_MS = 20
+
+# How long opening a file may wait for the locks that creating or upgrading it needs.
+OPEN_TIMEOUT = 30.0
 
 # The layout version this code writes (the ``procwire_schema`` table). 1 was the first layout
 # (two indexes over every job: a claim moved each job within both); 2 keeps one small partial
@@ -244,9 +248,9 @@ class SqliteBackend(Backend):
         conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=30.0)
+                                   timeout=OPEN_TIMEOUT)
             # WAL is a property of the file (set once, kept); synchronous is per connection.
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _set_wal(conn, OPEN_TIMEOUT)
             if str(mode).lower() != "wal":
                 raise QueueError(f"{self.path}: cannot use WAL journal mode (got {mode!r}); "
                                  "is it on a network file system?")
@@ -594,6 +598,22 @@ class SqliteBackend(Backend):
                     c.close()
         else:
             _ABANDONED.extend(conns)
+
+
+def _set_wal(conn: sqlite3.Connection, timeout: float) -> str:
+    """Switch the file to WAL (a no-op when it is already) and return the journal mode.
+    Switching a new or rollback-journal file needs an exclusive lock that SQLite takes without
+    its busy handler (two openers that both read the file would otherwise deadlock), so
+    processes racing to open a fresh file get an immediate "database is locked": try again,
+    with a short random pause, until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(random.uniform(0.001, 0.01))
 
 
 def _now(conn: sqlite3.Connection) -> float:
