@@ -5,6 +5,7 @@ frame decoder (sans-IO): a ``pubs`` frame becomes Events, a bad one keeps its ra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 from typing import Any
@@ -91,6 +92,86 @@ def test_several_threads_share_one_subscription_exactly_once(pair: Any) -> None:
         done.set()
         for t in threads:
             t.join(10)
+    everything = sorted(x for s in seen for x in s)
+    assert everything == list(range(n))  # each exactly once
+    for s in seen:
+        assert s == sorted(s)  # each thread sees its events in order
+
+
+def test_a_loop_left_early_leaves_the_rest_of_its_batch(pair: Any) -> None:
+    """Iteration walks whole batches in C; a ``break`` mid-batch loses nothing: the next
+    get, loop or aget goes on from the next event, in order."""
+    pub, sub_bus = pair
+    sub = sub_bus.subscribe("n", maxsize=10_000, timeout=5)
+    n = 2 * PREFETCH + 10
+    pub.emit_many([("n", i) for i in range(n)])
+    for ev in sub:
+        if ev.data == 5:
+            break
+    assert sub.get(5).data == 6
+    assert sub.stats()["taken"] == 7
+    got = []
+    for ev in sub:
+        got.append(ev.data)
+        if ev.data == PREFETCH + 3:  # past the first batch
+            break
+    assert got == list(range(7, PREFETCH + 4))
+    assert next(sub).data == PREFETCH + 4
+    assert asyncio.run(sub.aget(5)).data == PREFETCH + 5
+    rest = [ev.data for ev in itertools.islice(sub, n - PREFETCH - 6)]
+    assert rest == list(range(PREFETCH + 6, n))
+    s = sub.stats()
+    assert (s["taken"], s["queued"]) == (n, 0)
+
+
+def test_a_loop_ends_when_the_subscription_closes_mid_batch(pair: Any) -> None:
+    pub, sub_bus = pair
+    sub = sub_bus.subscribe("n", timeout=5)
+    pub.emit_many([("n", i) for i in range(50)])
+    got = []
+    for ev in sub:
+        got.append(ev.data)
+        if ev.data == 3:
+            sub.close()  # 46 events of this batch are in hand: dropped, the loop ends
+    assert got == [0, 1, 2, 3]
+    assert sub.stats()["taken"] == 4
+
+
+def test_iteration_timeout_raises_and_iteration_goes_on_afterwards(pair: Any) -> None:
+    pub, sub_bus = pair
+    sub = sub_bus.subscribe("n", timeout=0.1)
+    pub.emit_many([("n", i) for i in range(3)])
+    got = []
+    with pytest.raises(procwire.Timeout):
+        for ev in sub:
+            got.append(ev.data)
+    assert got == [0, 1, 2]
+    pub.emit("n", 3)
+    assert next(iter(sub)).data == 3
+
+
+def test_several_threads_iterate_one_subscription_exactly_once(pair: Any) -> None:
+    """Loops in several threads share the batches (each event goes to one loop)."""
+    pub, sub_bus = pair
+    sub = sub_bus.subscribe("n", maxsize=100_000, timeout=0.5)
+    n = 20_000
+    seen: list[list[int]] = [[], [], []]
+
+    def take(out: list[int]) -> None:
+        with contextlib.suppress(procwire.Timeout):
+            for ev in sub:
+                out.append(ev.data)
+
+    threads = [threading.Thread(target=take, args=(s,)) for s in seen]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(0, n, 500):
+            pub.emit_many([("n", i) for i in range(k, k + 500)])
+    finally:
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads)
     everything = sorted(x for s in seen for x in s)
     assert everything == list(range(n))  # each exactly once
     for s in seen:

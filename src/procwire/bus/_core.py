@@ -17,7 +17,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import chain, repeat, starmap
+from operator import length_hint
 from typing import Any, Literal, NamedTuple
 
 from .._errors import ChannelClosed, ConnectionClosed, Timeout
@@ -32,9 +34,9 @@ Policy = Literal["block", "drop_oldest", "disconnect"]
 POLICIES: tuple[str, ...] = ("block", "drop_oldest", "disconnect")
 DEFAULT_MAXSIZE = 10_000
 DEFAULT_POLICY: Policy = "block"
-# Events one get() may move out of the buffer at once (the rest wait in the subscription's
-# _ready for the next gets, which then take no lock): a subscription holds at most maxsize
-# events in its buffer plus PREFETCH - 1 already taken.
+# Events a consumer moves out of the buffer at once (they wait in the subscription's shared
+# iterator for the next gets, which then take no lock): a subscription holds at most maxsize
+# events in its buffer plus PREFETCH - 1 taken but not yet handed out.
 PREFETCH = 128
 _BATCH = 64  # items a dispatcher takes from one subscription before serving the next
 
@@ -66,6 +68,30 @@ def _wake_async(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[No
             pass
 
 
+_MISSING: Any = object()
+
+
+class _Batches:
+    """The source of a subscription's iteration ``chain``: each item is the subscription's
+    shared iterator of taken events, filled (waiting up to the subscription's ``timeout``);
+    closed and drained ends the loop."""
+
+    __slots__ = ("_sub",)
+
+    def __init__(self, sub: Subscription) -> None:
+        self._sub = sub
+
+    def __iter__(self) -> _Batches:
+        return self
+
+    def __next__(self) -> Iterator[Event]:
+        sub = self._sub
+        try:
+            return sub._fill(sub.timeout)
+        except ChannelClosed:
+            raise StopIteration from None
+
+
 class Subscription:
     """A bounded buffer of events matching ``pattern``, filled by the bus.
 
@@ -95,9 +121,13 @@ class Subscription:
         self._callback = callback
         self._dispatcher = dispatcher
         self._buf: deque[Any] = deque()
-        # Events a getter moved out of _buf in one go (at most PREFETCH - 1) and hands out
-        # without the lock; they count as taken already (see ``taken``).
-        self._ready: deque[Any] = deque()
+        # Events a getter moved out of _buf in one go (at most PREFETCH), as a list and an
+        # iterator over it that every consumer shares: ``get`` takes from the iterator without
+        # the lock, and iteration (``for event in sub``) hands the iterator itself to a C
+        # ``chain``, so a batch is walked without a Python call per event. They count as taken
+        # already (see ``taken``); ``close`` empties the list, which ends the iterator too.
+        self._ready_list: list[Any] = []
+        self._ready_it: Iterator[Any] = iter(self._ready_list)
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
@@ -113,7 +143,7 @@ class Subscription:
         self.handler: Callable[..., Any] | None = None
         # counters
         self.received = 0
-        self._moved = 0  # out of _buf: handed out, or in _ready
+        self._moved = 0  # out of _buf: handed out, or in _ready_it
         self.dropped = 0
         self.blocked = 0
 
@@ -211,7 +241,7 @@ class Subscription:
     @property
     def taken(self) -> int:
         """Events handed out so far."""
-        return self._moved - len(self._ready)
+        return self._moved - length_hint(self._ready_it)
 
     def _pop(self) -> Any:
         item = self._buf.popleft()
@@ -220,45 +250,31 @@ class Subscription:
             self._not_full.notify()
         return item
 
-    def _pop_some(self) -> Any:
-        """Under the lock, with events in _buf: the first one, and up to PREFETCH - 1 more
-        moved to _ready, so the next gets take no lock (a burst costs one lock, not one each).
-        """
-        buf = self._buf
-        item = buf.popleft()
-        k = len(buf)
-        if k:
-            if k < PREFETCH:
-                self._ready.extend(buf)
-                buf.clear()
-            else:
-                k = PREFETCH - 1
-                popleft = buf.popleft
-                self._ready.extend([popleft() for _ in range(k)])
-        self._moved += 1 + k
-        if self._putters:
-            self._not_full.notify_all()
-        return item
-
-    def get(self, timeout: float | None = None) -> Event:
-        """The next event; ``procwire.Timeout`` after ``timeout`` seconds (None: wait)."""
-        ready = self._ready
-        if ready:
-            try:
-                item: Event = ready.popleft()
-                return item
-            except IndexError:  # another thread took it
-                pass
+    def _fill(self, timeout: float | None) -> Iterator[Any]:
+        """The shared iterator of taken events, with at least one event left in it when this
+        returns: up to PREFETCH events are moved out of _buf under one lock (a burst costs one
+        lock, not one each), waiting up to ``timeout`` (None: forever) for one to come.
+        ``Timeout``, or the close error once closed and drained."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._getter_ident = threading.get_ident()
-            while not self._buf:
-                if ready:  # refilled by another getter thread
-                    try:
-                        item = ready.popleft()
-                        return item
-                    except IndexError:
-                        pass
+            while True:
+                it = self._ready_it
+                if length_hint(it):  # another getter filled it (nobody adds to a batch)
+                    return it
+                buf = self._buf
+                if buf:
+                    if len(buf) <= PREFETCH:
+                        batch = list(buf)
+                        buf.clear()
+                    else:  # PREFETCH calls of popleft, in C
+                        batch = list(starmap(buf.popleft, repeat((), PREFETCH)))
+                    self._moved += len(batch)
+                    if self._putters:
+                        self._not_full.notify_all()
+                    self._ready_list = batch
+                    self._ready_it = it = iter(batch)
+                    return it
                 if self._closed:
                     raise self._closed_error()
                 if deadline is None:
@@ -272,20 +288,23 @@ class Subscription:
                     self._not_empty.wait(wait)
                 finally:
                     self._getters -= 1
-            item = self._pop_some()
-            return item
+
+    def get(self, timeout: float | None = None) -> Event:
+        """The next event; ``procwire.Timeout`` after ``timeout`` seconds (None: wait)."""
+        item = next(self._ready_it, _MISSING)
+        while item is _MISSING:  # another getter thread may empty a batch we were handed
+            item = next(self._fill(timeout), _MISSING)
+        return item  # type: ignore[no-any-return]
 
     def get_nowait(self) -> Event | None:
         """The next event if one is buffered, else None (raises once closed and drained)."""
-        try:
-            item: Event = self._ready.popleft()
-            return item
-        except IndexError:
-            pass
+        item = next(self._ready_it, _MISSING)
+        if item is not _MISSING:
+            return item  # type: ignore[no-any-return]
         with self._lock:
             if self._buf:
                 item = self._pop()
-                return item
+                return item  # type: ignore[no-any-return]
             if self._closed:
                 raise self._closed_error()
             return None
@@ -295,15 +314,13 @@ class Subscription:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            try:
-                item: Event = self._ready.popleft()
-                return item
-            except IndexError:
-                pass
+            item = next(self._ready_it, _MISSING)
+            if item is not _MISSING:
+                return item  # type: ignore[no-any-return]
             with self._lock:
                 if self._buf:
                     item = self._pop()
-                    return item
+                    return item  # type: ignore[no-any-return]
                 if self._closed:
                     raise self._closed_error()
                 fut: asyncio.Future[None] = loop.create_future()
@@ -341,16 +358,14 @@ class Subscription:
     def _closed_error(self) -> BaseException:
         return self._close_error or ChannelClosed(f"subscription {self.pattern!r} is closed")
 
-    def __iter__(self) -> Subscription:
-        return self
+    def __iter__(self) -> Iterator[Event]:
+        """Events until the subscription is closed (then the loop ends), each waited for up to
+        ``timeout``. Iteration is the hot loop: the iterator is a C ``chain`` over the batches
+        ``_fill`` takes, so Python code runs once per batch, not once per event. A loop left
+        early (``break``) leaves the rest of its batch to the next ``get`` or loop."""
+        return chain.from_iterable(_Batches(self))
 
     def __next__(self) -> Event:
-        if self._ready:  # get()'s lock-free path, inline: iteration is the hot loop
-            try:
-                item: Event = self._ready.popleft()
-                return item
-            except IndexError:
-                pass
         try:
             return self.get(self.timeout)
         except ChannelClosed:
@@ -378,8 +393,8 @@ class Subscription:
                 self._close_error = error
             if clear:
                 self._buf.clear()
-                self._moved -= len(self._ready)
-                self._ready.clear()
+                self._moved -= length_hint(self._ready_it)
+                self._ready_list.clear()  # ends the shared iterator, also inside a loop
             self._not_full.notify_all()
             self._not_empty.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
@@ -394,14 +409,15 @@ class Subscription:
         (times the delivery waited for room), ``queued`` now, ``closed`` and why."""
         with self._lock:
             return {"pattern": self.pattern, "policy": self.policy, "maxsize": self.maxsize,
-                    "queued": len(self._buf) + len(self._ready), "received": self.received,
-                    "taken": self.taken,
+                    "queued": len(self._buf) + length_hint(self._ready_it),
+                    "received": self.received, "taken": self.taken,
                     "dropped": self.dropped, "blocked": self.blocked, "closed": self._closed,
                     "reason": getattr(self._close_error, "reason", None)
                     if self._closed else None}
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._buf) + len(self._ready)} queued"
+        queued = len(self._buf) + length_hint(self._ready_it)
+        state = "closed" if self._closed else f"{queued} queued"
         return f"<Subscription {self.pattern!r} {self.policy} maxsize={self.maxsize} {state}>"
 
     # -- handler invocation (dispatchers) --------------------------------------------------
