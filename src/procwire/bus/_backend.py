@@ -11,8 +11,11 @@ except under the ``block`` policy, whose very point is to hold the backend's del
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import logging
 import urllib.parse
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,7 +25,9 @@ from .._errors import AddressError
 if TYPE_CHECKING:
     from ._core import Event
 
-__all__ = ["Backend", "Sink", "backend_for"]
+__all__ = ["Backend", "Sink", "backend_for", "flush_at_exit"]
+
+log = logging.getLogger("procwire.bus")
 
 # scheme -> "module:Class" under procwire.bus; one line per backend.
 _BACKENDS: dict[str, str] = {
@@ -91,6 +96,11 @@ class Backend(ABC):
         """Wait until every event published so far is confirmed, and raise what could not be
         published (``Timeout`` after ``timeout``). Default: nothing to wait for."""
 
+    def flush_at_exit_pending(self) -> bool:
+        """True when this backend, open in this process, holds events a ``flush`` would wait
+        for (see ``flush_at_exit``). Default: never."""
+        return False
+
     @abstractmethod
     def request(self, name: str, request: dict[str, Any], timeout: float | None) -> int:
         """Send a request to ONE bus that handles ``name``; 1 when one got it, 0 when none
@@ -143,3 +153,26 @@ def backend_for(url: str, **options: Any) -> Backend:
     module = importlib.import_module(f"procwire.bus.{module_name}")
     cls: Callable[..., Backend] = getattr(module, cls_name)
     return cls(url, **options)
+
+
+# Backends whose emit queues events for a daemon flusher thread (Redis, the local broker): at
+# interpreter exit that thread dies with whatever it still holds, so what open buses still
+# queue is flushed here. Failures are logged, not lost.
+_live: weakref.WeakSet[Backend] = weakref.WeakSet()
+
+
+def flush_at_exit(backend: Backend) -> None:
+    """Flush ``backend`` at interpreter exit if ``backend.flush_at_exit_pending()`` then."""
+    _live.add(backend)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for backend in list(_live):
+        if not backend.flush_at_exit_pending():
+            continue
+        timeout = getattr(backend, "emit_timeout", None)
+        try:  # bounded even for emit_timeout=None: exit must not hang on a dead medium
+            backend.flush(30.0 if timeout is None else timeout)
+        except Exception as exc:
+            log.error("procwire bus: at exit, %s", exc)

@@ -195,10 +195,10 @@ class Bus(_BusBase):
     Handlers run on a dispatcher thread, never in ``emit``; a handler that raises is logged and
     stays subscribed. Every subscription has a bounded buffer (``maxsize`` events); ``policy``
     says what happens when it fills: ``block`` (the delivery waits), ``drop_oldest``,
-    ``disconnect``. ``emit`` waits up to ``emit_timeout`` (or its own ``timeout=``) for the
-    backend to be reachable (on Redis: for room in the outbox of its pipelining flusher), then
-    raises ``procwire.Timeout``; an event the Redis flusher could not publish in that time is
-    raised by the next ``emit``/``flush``/``close``: never dropped silently.
+    ``disconnect``. ``emit`` waits up to ``emit_timeout`` (or its own ``timeout=``) for room in
+    the outbox of its pipelining flusher (local broker, Redis; ``memory://``: none), then
+    raises ``procwire.Timeout``; an event the flusher could not publish in that time is raised
+    by the next ``emit``/``flush``/``close``: never dropped silently.
 
     >>> bus = Bus("memory://doc")
     >>> got = bus.subscribe("user.*")
@@ -259,14 +259,15 @@ class Bus(_BusBase):
     def emit(self, event: str, data: Any = None, *, timeout: float | None = None,
              confirm: bool = False) -> int:
         """Publish ``event`` with ``data`` (JSON-encodable) to every bus; returns how many
-        buses received it, or -1 when that is not known yet: on ``redis://`` emit queues the
-        event for a background flusher that pipelines it (``confirm=True`` waits for Redis's
-        confirmation and returns the count; ``flush()`` waits for all).
+        buses received it, or -1 when that is not known yet: on the local broker and on
+        ``redis://`` emit queues the event for a background flusher that pipelines it
+        (``confirm=True`` waits for the confirmation and returns the count; ``flush()`` waits
+        for all).
 
         ``timeout`` (default ``emit_timeout``) bounds the wait for an unreachable backend or a
-        full outbox: then ``procwire.Timeout``. An event queued on Redis that could not be
-        published within its timeout is counted and raised by the next ``emit``, ``flush`` or
-        ``close``: never dropped silently."""
+        full outbox: then ``procwire.Timeout``. A queued event that could not be published
+        within its timeout is counted and raised by the next ``emit``, ``flush`` or ``close``:
+        never dropped silently."""
         _check_emit_name(event)
         self._check_usable()
         t = self.emit_timeout if timeout is None else timeout
@@ -283,16 +284,18 @@ class Bus(_BusBase):
         return n
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every event emitted so far is confirmed by the backend (only Redis
-        queues them); raises what could not be published, or ``procwire.Timeout`` after
-        ``timeout`` (default ``emit_timeout``; the events stay queued)."""
+        """Wait until every event emitted so far is confirmed by the backend (the local
+        broker and Redis queue them); raises what could not be published, or
+        ``procwire.Timeout`` after ``timeout`` (default ``emit_timeout``; the events stay
+        queued)."""
         self._check_usable()
         self._backend.flush(self.emit_timeout if timeout is None else timeout)
 
     def emit_many(self, events: Iterable[tuple[str, Any]], *,
                   timeout: float | None = None) -> None:
         """Publish several ``(event, data)`` pairs in order, pipelined where the backend can
-        (Redis: through the outbox, with the emits around it); returns once all are confirmed.
+        (Redis: through the outbox, with the emits around it; the local broker: as one batch
+        frame, after the emits before it); returns once all are confirmed.
         Every event is checked and encoded before any is sent."""
         batch = list(events)
         _check_emit_names(batch)

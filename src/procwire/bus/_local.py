@@ -23,9 +23,17 @@ published meanwhile are lost (the requests connection is opened again at the nex
 or a protocol error), ``connection_lost``; the broker itself sends ``slow_consumer`` gaps when
 it dropped events under ``drop_oldest``.
 
-``emit`` is confirmed by the broker (it returns how many buses got the event); during an outage
-it waits for the reconnection up to its timeout, then raises ``procwire.Timeout``. If the broker
-dies between receiving an event and confirming it, the retry can deliver it twice.
+``emit`` is pipelined: it queues the encoded event in a bounded outbox (``outbox`` events,
+default 10 000) and returns -1; a flusher thread writes everything queued since its last write
+as one ``pubs`` frame, which the broker answers with ``ok`` (read by the reader thread: it
+confirms that batch and every earlier one, since the broker handles a connection's frames in
+order). A full outbox makes ``emit`` wait up to its timeout (then ``procwire.Timeout``); an
+event that cannot be written before its timeout while the broker is unreachable is counted and
+raised by the next ``emit``/``flush``/``close``: never dropped silently. What was written but
+not confirmed when the connection broke is written again on the next connection, before
+anything newer (the broker may have delivered part of it: those events arrive twice). A
+confirmed emit (``confirm=True``: one ``pub`` frame and its ``ok``, with the receiver count),
+``emit_many``, requests and replies wait for the events queued before them, so order holds.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +64,7 @@ from .._errors import (
 )
 from .._sync.channel import Channel
 from .._sync.channel import connect as sync_connect
-from ._backend import Backend, Sink
+from ._backend import Backend, Sink, flush_at_exit
 from ._broker import BROKER_POLICIES, DEFAULT_IDLE, LOCK_TAKEN
 from ._core import Event
 from ._paths import BrokerFiles, default_socket_path, wait_lock
@@ -74,6 +83,8 @@ __all__ = ["LocalBackend", "connect_broker", "start_broker"]
 log = logging.getLogger("procwire.bus")
 
 _ENVELOPE = 4096  # bytes of frame around a message's data, within the broker's max frame
+DEFAULT_OUTBOX = 10_000  # events emitted but not yet confirmed before emit() waits for room
+_OUTBOX_BYTES = 64 << 20  # ... or this many bytes of them
 _ASYNC_IO_THREAD = "procwire-bus-io"  # AsyncBus's single I/O thread (see request())
 
 
@@ -158,6 +169,10 @@ class _Lost(Exception):
     """The connection broke before the broker answered."""
 
 
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _bool(value: str) -> bool:
     return value.strip().lower() not in ("0", "no", "false", "off", "")
 
@@ -177,6 +192,7 @@ class LocalBackend(Backend):
         self.queue = 0
         self.policy = ""
         self.autostart = True
+        self.outbox_max = DEFAULT_OUTBOX
         for key, value in urllib.parse.parse_qsl(parts.query):
             try:
                 if key == "idle":
@@ -189,8 +205,13 @@ class LocalBackend(Backend):
                     self.policy = value
                 elif key == "autostart":
                     self.autostart = _bool(value)
+                elif key == "outbox":
+                    self.outbox_max = int(value)
+                    if self.outbox_max < 1:
+                        raise ValueError("outbox must be an int >= 1")
                 else:
-                    raise ValueError(f"unknown option {key!r} (idle, queue, policy, autostart)")
+                    raise ValueError(f"unknown option {key!r} (idle, queue, policy, autostart,"
+                                     " outbox)")
             except ValueError as exc:
                 raise AddressError(f"{url!r}: {exc}") from None
         if not channel or not isinstance(channel, str):
@@ -219,7 +240,28 @@ class LocalBackend(Backend):
         self._rr_reply_to = uuid.uuid4().hex
         self._rr_retry_at = 0.0
         self.broker: dict[str, Any] = {}
+        self.emit_timeout = emit_timeout
+        # The outbox (pipelined emit; see the module docstring): events emitted and waiting for
+        # the flusher, then written in "pubs" frames that wait for the broker's "ok". Counted
+        # in _queued (ever queued) and _settled (ever confirmed or failed), in order.
+        self._olock = threading.Lock()
+        self._wlock = threading.Lock()  # the flusher's write (taken before _olock)
+        self._ocond = threading.Condition(self._olock)  # settled moved, or room made
+        self._owake = threading.Condition(self._olock)  # work for the flusher
+        self._out: deque[tuple[bytes, float | None]] = deque()  # (item, give up at)
+        self._out_bytes = 0  # of _out and _inflight
+        self._inflight: deque[tuple[int, list[tuple[bytes, float | None]]]] = deque()
+        self._queued = 0
+        self._settled = 0
+        self._flusher: threading.Thread | None = None
+        self._closing = False
+        self._fail_count = 0
+        self._fail_reason = ""
+        self._pid = os.getpid()
         # counters
+        self.emit_failed = 0
+        self.emit_resent = 0
+        self.outbox_full = 0
         self.reconnects = 0
         self.server_disconnects = 0
         self.brokers_started = 0
@@ -347,6 +389,8 @@ class LocalBackend(Backend):
                 slot = pending.pop(f.seq, None)
                 if slot is not None:
                     slot.set(f)
+                elif self._inflight:
+                    self._confirm(f.seq, f)
             elif kind == "rep":
                 if isinstance(f.body, dict):
                     sink.on_reply(f.body)
@@ -380,6 +424,7 @@ class LocalBackend(Backend):
             ch, self._ch = self._ch, None
         old.close(0)
         self._fail_pending()
+        self._requeue()  # (their emit timeouts now run: see _expire)
         old_run = self.broker.get("run_id")
         dropped = bye is not None and not bye.startswith(("ConnectionClosed", "Protocol",
                                                           "ChannelClosed", "OSError"))
@@ -401,6 +446,7 @@ class LocalBackend(Backend):
                 ch.close(0)
                 return None
             self.reconnects += 1
+            self._requeue()  # before _up: the flusher writes it first
             self._up.set()
             if info.get("run_id") != old_run:
                 reason = "restarted"
@@ -493,13 +539,239 @@ class LocalBackend(Backend):
                     raise
                 self._up.clear()
 
+    # -- the outbox: pipelined emit ---------------------------------------------------------
+
     def publish(self, name: str, data: Any, timeout: float | None) -> int:
-        f = self._call("pub", name, data, timeout)
+        """Queue the event for the flusher; -1 (the receiver count is not known yet). Waits
+        up to ``timeout`` for room when ``outbox`` events are unconfirmed."""
+        item = encode_item(name, data, self._limit - 64)  # refused here, before queueing
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._olock:
+            if (self._closing or self._fail_count or len(self._out) >= self.outbox_max
+                    or self._queued - self._settled >= self.outbox_max
+                    or self._out_bytes + len(item) > _OUTBOX_BYTES):
+                self._wait_for_room(len(item), deadline, timeout)
+            self._out.append((item, deadline))
+            self._out_bytes += len(item)
+            self._queued += 1
+            if self._flusher is None:
+                self._start_flusher()
+            self._owake.notify()
+            self._raise_failure(queued=1)
+        return -1
+
+    def publish_nowait(self, name: str, data: Any, timeout: float | None) -> int | None:
+        """``publish`` when there is room right away (the asyncio bus, on its loop)."""
+        item = encode_item(name, data, self._limit - 64)
+        with self._olock:
+            if (self._closing or self._fail_count or self._flusher is None
+                    or self._queued - self._settled >= self.outbox_max
+                    or self._out_bytes + len(item) > _OUTBOX_BYTES):
+                return None
+            self._out.append((item, None if timeout is None else time.monotonic() + timeout))
+            self._out_bytes += len(item)
+            self._queued += 1
+            self._owake.notify()
+        return -1
+
+    def publish_confirmed(self, name: str, data: Any, timeout: float | None) -> int:
+        """One confirmed ``pub`` frame, after the events queued before it (in order)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._drain_or_raise(timeout, "this event was not sent")
+        f = self._call("pub", name, data, _left(deadline))
         return int(f.body) if isinstance(f.body, int) else -1
+
+    def _wait_for_room(self, size: int, deadline: float | None, timeout: float | None) -> None:
+        """With ``_olock`` held: wait until the outbox has room (``Timeout``: none came)."""
+        if self._closing:
+            raise ChannelClosed("this bus is closed")
+        if not (self._queued - self._settled >= self.outbox_max
+                or self._out_bytes + size > _OUTBOX_BYTES):
+            return
+        self.outbox_full += 1
+        while (self._queued - self._settled >= self.outbox_max
+               or (self._out_bytes and self._out_bytes + size > _OUTBOX_BYTES)):
+            left = _left(deadline)
+            if left is not None and left <= 0:
+                raise Timeout(f"the outbox to the broker at {self.files.socket} stayed full "
+                              f"({self._queued - self._settled} events unconfirmed) for "
+                              f"{timeout} s: the broker is unreachable or slower than the "
+                              "emits; this event was not queued")
+            self._ocond.wait(left)
+            if self._closing:
+                raise ChannelClosed("this bus is closed")
+
+    def _raise_failure(self, queued: int = 0) -> None:
+        """Raise (once) what the flusher could not publish; call with ``_olock`` held.
+        ``queued``: events of the raising call itself that were queued (the exception's
+        ``.queued``, so that the caller still counts them)."""
+        n = self._fail_count
+        if not n:
+            return
+        reason = self._fail_reason
+        self._fail_count, self._fail_reason = 0, ""
+        more = f" (this call's {queued} event(s) were queued)" if queued else ""
+        exc = Timeout(f"{n} emitted event(s) were not published: {reason}{more}")
+        exc.queued = queued  # type: ignore[attr-defined]
+        raise exc
+
+    def _fail(self, n: int, reason: str) -> None:
+        """Count ``n`` events (taken out of the outbox by the caller) as not published; call
+        with ``_olock`` held. The first reason since the last raise is kept."""
+        if not n:
+            return
+        if not self._fail_count:
+            self._fail_reason = reason
+        self._fail_count += n
+        self.emit_failed += n
+        self._settled += n
+        self._ocond.notify_all()
+
+    def _start_flusher(self) -> None:
+        """With ``_olock`` held: the flusher thread, at the first emit."""
+        t = threading.Thread(target=self._flush_loop, daemon=True,
+                             name="procwire-bus-broker-flusher")
+        self._flusher = t
+        flush_at_exit(self)
+        t.start()
+
+    def _flush_loop(self) -> None:
+        """Write what is queued as ``pubs`` frames (everything queued since the last write,
+        up to one frame, in one send), each answered by an ``ok`` that the reader thread
+        hands to ``_confirm``. While the broker is unreachable, events whose emit timeout
+        has passed are failed (raised by the next emit, flush or close)."""
+        try:
+            while True:
+                with self._olock:
+                    while not self._out and not self._closing:
+                        self._owake.wait()
+                    if not self._out:
+                        return  # closing, nothing left to write
+                with self._wlock:  # (the reader's _requeue never runs mid-write)
+                    ch = self._ch
+                    if ch is None or not self._up.is_set():
+                        ch = None
+                    else:
+                        limit = self._limit - 64
+                        with self._olock:
+                            batch: list[tuple[bytes, float | None]] = []
+                            size = 0
+                            out = self._out
+                            while out and (not batch or size + len(out[0][0]) + 1 <= limit):
+                                it = out.popleft()
+                                batch.append(it)
+                                size += len(it[0]) + 1
+                            seq = next(self._seq)
+                            self._inflight.append((seq, batch))
+                        try:
+                            ch.send(batch_frame(seq, [it for it, _ in batch]), timeout=None)
+                        except (ConnectionClosed, ChannelClosed, OSError):
+                            # The reader thread sees the loss too: it puts what is in flight
+                            # back in front of the outbox, or fails it once closed.
+                            ch = None
+                if ch is None:
+                    self._expire()
+                    if self._closed:
+                        return
+                    self._up.wait(0.05)
+        except Exception:  # a bug: say so, and do not leave emit queueing for nobody
+            log.exception("procwire bus: the broker flusher thread failed")
+            with self._olock:
+                n = len(self._out) + sum(len(b) for _, b in self._inflight)
+                self._out.clear()
+                self._inflight.clear()
+                self._out_bytes = 0
+                self._fail(n, "the flusher thread failed (a bug; see the log)")
+                self._flusher = None  # the next emit starts another
+
+    def _expire(self) -> None:
+        """Fail the queued events whose emit timeout has passed (the broker is down)."""
+        now = time.monotonic()
+        with self._olock:
+            out = self._out
+            n = 0
+            while out and out[0][1] is not None and out[0][1] <= now:  # type: ignore[operator]
+                self._out_bytes -= len(out.popleft()[0])
+                n += 1
+            self._fail(n, f"the broker at {self.files.socket} stayed unreachable for their "
+                          "emit timeout")
+
+    def _confirm(self, seq: int, f: ClientFrame) -> None:
+        """The reader thread: ``ok`` (or ``err``) for the ``pubs`` frame ``seq``; the broker
+        handles a connection's frames in order, so every batch written before it is done."""
+        with self._olock:
+            inflight = self._inflight
+            if not inflight or inflight[0][0] > seq:
+                return
+            done = 0
+            size = 0
+            while inflight and inflight[0][0] <= seq:
+                _, batch = inflight.popleft()
+                done += len(batch)
+                size += sum(len(it) for it, _ in batch)
+            self._out_bytes -= size
+            if f.kind == "err":
+                err = f.body if isinstance(f.body, dict) else {}
+                self._fail(done, f"the broker refused them: {err.get('message', err)}")
+            else:
+                self._settled += done
+                self._ocond.notify_all()
+
+    def _requeue(self) -> None:
+        """The reader thread, its connection lost (and again once reconnected, before the
+        flusher may write): what was written but not confirmed goes back in front of the
+        outbox, in order, to be written again on the new connection (the broker may have
+        delivered some of it before the connection broke: those arrive twice)."""
+        with self._wlock, self._olock:
+            again = [it for _, batch in self._inflight for it in batch]
+            self._inflight.clear()
+            if again:
+                self.emit_resent += len(again)
+                self._out.extendleft(reversed(again))
+                self._owake.notify()
+
+    def _drain(self, timeout: float | None) -> bool:
+        """Wait until every event queued so far is confirmed or failed; False on timeout."""
+        with self._olock:
+            target = self._queued
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._settled < target:
+                left = _left(deadline)
+                if left is not None and left <= 0:
+                    return False
+                self._ocond.wait(left)
+            return True
+
+    def _drain_or_raise(self, timeout: float | None, what: str) -> None:
+        """Before a frame that must follow the emits queued so far (a confirmed emit, an
+        emit_many, a request, a reply): wait for them, and raise what failed."""
+        if self._queued == self._settled and not self._fail_count:
+            return  # the usual case: nothing queued
+        if not self._drain(timeout):
+            raise Timeout(f"the broker did not confirm the events emitted before within "
+                          f"{timeout} s; {what}")
+        with self._olock:
+            self._raise_failure()
+
+    def flush(self, timeout: float | None) -> None:
+        if not self._drain(timeout):
+            with self._olock:
+                left = self._queued - self._settled
+            raise Timeout(f"{left} event(s) not yet confirmed by the broker at "
+                          f"{self.files.socket} after {timeout} s (they stay queued)")
+        with self._olock:
+            self._raise_failure()
+
+    def flush_at_exit_pending(self) -> bool:
+        return not self._closed and self._queued != self._settled and \
+            self._pid == os.getpid()
 
     def publish_many(self, events: list[tuple[str, Any]], timeout: float | None) -> None:
         if not events:
             return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._drain_or_raise(timeout, "these events were not sent")
+        timeout = _left(deadline)
         body = encode_batch(events, self._limit - 32)
         if body is not None:  # the usual case: one encoder call, one frame
             self._call_raw(lambda seq: b'["pubs",%d,"",' % seq + body + b"]", "pubs", timeout)
@@ -523,6 +795,9 @@ class LocalBackend(Backend):
     def request(self, name: str, request: dict[str, Any], timeout: float | None) -> int:
         # The broker answers {no_responder: true} itself when nobody handles it, so the
         # count is never needed (-1).
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._drain_or_raise(timeout, "the request was not sent")
+        timeout = _left(deadline)
         if self._rr_lock.acquire(blocking=False):
             try:
                 if self._request_direct(name, request, timeout):
@@ -624,7 +899,9 @@ class LocalBackend(Backend):
             pass
 
     def reply(self, reply_to: str, reply: dict[str, Any], timeout: float | None) -> None:
-        self._send(encode_frame("rep", 0, reply_to, reply, self._limit), timeout,
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._drain_or_raise(timeout, "the reply was not sent")
+        self._send(encode_frame("rep", 0, reply_to, reply, self._limit), _left(deadline),
                    "the reply was not sent")
 
     def add_responder(self, name: str, timeout: float | None) -> None:
@@ -685,9 +962,28 @@ class LocalBackend(Backend):
                 "server_disconnects": self.server_disconnects,
                 "events_received": self.events_received, "bad_frames": self.bad_frames,
                 "gaps_from_broker": self.gaps_from_broker,
-                "requests_direct": self.requests_direct}
+                "requests_direct": self.requests_direct,
+                "outbox": self._queued - self._settled, "outbox_full": self.outbox_full,
+                "emit_failed": self.emit_failed, "emit_resent": self.emit_resent}
 
     def close(self, timeout: float | None) -> None:
+        """Flush the outbox (up to ``timeout``), stop the threads, disconnect; then raise what
+        could not be published, if anything."""
+        if self._closed:
+            return
+        if self._pid != os.getpid():
+            # A forked child: the socket is shared with the parent and the threads are the
+            # parent's. Touch nothing.
+            self._closed = True
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._queued != self._settled:
+            self._drain(timeout)
+        timeout = _left(deadline)
+        with self._olock:
+            self._closing = True
+            self._owake.notify_all()
+            self._ocond.notify_all()
         with self._lock:
             if self._closed:
                 return
@@ -706,7 +1002,14 @@ class LocalBackend(Backend):
                 ch.close(timeout=0 if timeout is None else min(timeout, 1.0))
             except ProcwireError:
                 pass
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        for thread in (self._thread, self._flusher):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
         self._fail_pending()
+        with self._olock:  # what is still unconfirmed fails now, reported here
+            n = len(self._out) + sum(len(b) for _, b in self._inflight)
+            self._out.clear()
+            self._inflight.clear()
+            self._out_bytes = 0
+            self._fail(n, "the bus was closed before the broker confirmed them")
+            self._raise_failure()

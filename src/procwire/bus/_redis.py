@@ -35,7 +35,6 @@ traceback): one message never ends the reader thread.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import os
@@ -46,7 +45,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-import weakref
 from collections import deque
 from itertools import islice
 from typing import Any
@@ -64,7 +62,7 @@ from .._errors import (
     Timeout,
 )
 from ..codecs import JsonCodec
-from ._backend import Backend, Sink
+from ._backend import Backend, Sink, flush_at_exit
 from ._patterns import MAX_NAME, RESERVED_PREFIX
 
 try:
@@ -102,22 +100,6 @@ def _left(deadline: float | None) -> float | None:
 # One queued PUBLISH: (the RESP command, the time the flusher may retry it until (None: no
 # limit), a one-slot box for its receiver count when someone waits for it (else None)).
 _Item = tuple[bytes, float | None, list[Any] | None]
-
-
-_live: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    """At interpreter exit, publish what open buses still queue (the flusher is a daemon
-    thread: it would die with events in its outbox). Failures are logged, not lost."""
-    for backend in list(_live):
-        if backend._closed or not backend._out or backend._pid != os.getpid():
-            continue  # (a forked child has the parent's outbox but not its flusher)
-        try:  # bounded even for emit_timeout=None: exit must not hang on a dead Redis
-            backend.flush(30.0 if backend.emit_timeout is None else backend.emit_timeout)
-        except Exception as exc:
-            log.error("procwire bus: at exit, %s", exc)
 
 
 def _resp_publish(channel: bytes, payload: bytes) -> bytes:
@@ -340,7 +322,7 @@ class RedisBackend(Backend):
                                          name=f"procwire-bus-redis-flush-{self.channel}")
         self._flusher.start()
         self._pid = os.getpid()
-        _live.add(self)
+        flush_at_exit(self)
 
     def _reader(self, conn: Any) -> None:
         try:
@@ -771,6 +753,10 @@ class RedisBackend(Backend):
                     return False
                 self._done.wait(left)
             return True
+
+    def flush_at_exit_pending(self) -> bool:
+        # (a forked child has the parent's outbox but not its flusher)
+        return not self._closed and bool(self._out) and self._pid == os.getpid()
 
     def flush(self, timeout: float | None) -> None:
         if not self._drain(timeout):

@@ -1,0 +1,177 @@
+"""Pipelined emit on the local broker: ``emit`` queues the event and a flusher thread writes
+what is queued as one ``pubs`` frame, confirmed by the broker; order, the ordering against
+requests, flush/close/exit, a broker killed mid-stream, an unreachable broker, a full
+outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import procwire
+from procwire.bus import AsyncBus, Bus, Event
+from procwire.bus._paths import try_lock
+
+
+def _ids(sub: Any, want: set[int], timeout: float = 20.0) -> list[int]:
+    """Event data (ints) from ``sub`` until every id in ``want`` came, or ``timeout``."""
+    got: list[int] = []
+    missing = set(want)
+    deadline = time.monotonic() + timeout
+    while missing and time.monotonic() < deadline:
+        try:
+            ev = sub.get(max(0.01, deadline - time.monotonic()))
+        except procwire.Timeout:
+            break
+        got.append(ev.data)
+        missing.discard(ev.data)
+    return got
+
+
+def test_emits_arrive_in_order_and_flush_confirms_them(brokers: Any) -> None:
+    n = 5000
+    with Bus() as sub_bus, Bus() as pub:
+        sub = sub_bus.subscribe("n", timeout=10, maxsize=n)
+        for i in range(n):
+            assert pub.emit("n", i) == -1  # queued: the count is not known yet
+        pub.flush(timeout=10)
+        st = pub.stats()["backend"]
+        assert st["outbox"] == 0 and st["emit_failed"] == 0
+        assert [sub.get(10).data for _ in range(n)] == list(range(n))
+        # the flusher wrote them as batches: far fewer frames than events reached the broker
+        me = [c for c in pub._backend.broker_stats()["clients"]  # type: ignore[attr-defined]
+              if c["events_in"]]
+        assert [c["events_in"] for c in me] == [n]
+
+
+def test_a_request_and_a_confirmed_emit_come_after_the_emits_before_them(brokers: Any) -> None:
+    with Bus() as responder, Bus() as pub:
+        seen = responder.subscribe("tick", maxsize=10_000)
+        # the handler answers how many ticks had reached its bus when the request came
+        responder.handle("count", lambda _: seen.stats()["received"])
+        for round_ in range(1, 4):
+            for i in range(500):
+                pub.emit("tick", i)
+            assert pub.request("count", None, timeout=10) == 500 * round_
+        for i in range(100):
+            pub.emit("tick", i)
+        assert pub.emit("tick", -1, confirm=True) == 1
+        assert seen.stats()["received"] == 1501 + 100
+
+
+def test_close_and_interpreter_exit_publish_what_is_queued(brokers: Any, children: Any) -> None:
+    with Bus() as sub_bus:
+        sub = sub_bus.subscribe("x.*", timeout=20, maxsize=10_000)
+        code = ("import sys\nfrom procwire.bus import Bus\n"
+                "bus = Bus()\n"
+                "for i in range(3000):\n"
+                "    bus.emit(sys.argv[1], i)\n"
+                "if sys.argv[1] == 'x.closed':\n"
+                "    bus.close()\n"
+                "print('done', flush=True)\n")  # else: exits with the bus open
+        for name in ("x.closed", "x.open"):
+            p = children.python(code, name, stdout=subprocess.PIPE)
+            out, _ = p.communicate(timeout=30)
+            assert p.returncode == 0 and out.strip() == b"done"
+            got = [sub.get(20) for _ in range(3000)]
+            assert got == [Event(name, i) for i in range(3000)]
+
+
+def test_events_a_killed_broker_never_confirmed_are_written_again(brokers: Any) -> None:
+    """Events written to a broker that dies before confirming them are written again on the
+    new connection. The bus's own subscription is registered again before that (hello), so
+    they reach it, in order. (A broker that confirmed events and died before they left it
+    loses them: subscribers get a gap notice.)"""
+    with Bus(brokers.url(idle=30)) as bus:
+        sub = bus.subscribe("n", timeout=20, maxsize=100_000)
+        gaps = bus.subscribe("procwire.gap", timeout=20)
+        for i in range(1000):
+            bus.emit("n", i)
+        bus.flush(timeout=10)
+        assert [sub.get(10).data for _ in range(1000)] == list(range(1000))
+        pid = brokers.pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # it reads nothing more, confirms nothing more
+        try:
+            for i in range(1000, 2000):
+                bus.emit("n", i)
+            # the flusher wrote them into the stopped broker's socket: unconfirmed
+            wait_until = time.monotonic() + 5
+            while time.monotonic() < wait_until and bus._backend._out:  # type: ignore
+                time.sleep(0.01)
+            assert bus.stats()["backend"]["outbox"] == 1000
+        finally:
+            brokers.kill(pid)
+        for i in range(2000, 3000):
+            bus.emit("n", i, timeout=20)
+        bus.flush(timeout=20)
+        got = _ids(sub, set(range(1000, 3000)))
+        assert sorted(set(got)) == list(range(1000, 3000))
+        assert got == sorted(got)  # in order
+        assert gaps.get(20).data["reason"] == "restarted"
+        st = bus.stats()["backend"]
+        assert st["emit_failed"] == 0 and st["outbox"] == 0 and st["emit_resent"] >= 1000
+
+
+def test_unreachable_broker_full_outbox_and_close_report_what_was_not_published(
+        brokers: Any) -> None:
+    with Bus(brokers.url(idle=30, outbox=10)) as bus:
+        pid = brokers.pid()
+        assert pid is not None
+        fd = try_lock(brokers.path + ".spawn")  # nobody can start another broker
+        assert fd is not None
+        try:
+            brokers.kill(pid)
+            for i in range(10):
+                assert bus.emit("x", i, timeout=30) == -1
+            t0 = time.monotonic()
+            with pytest.raises(procwire.Timeout, match=r"outbox to the broker .* stayed full"):
+                bus.emit("x", 10, timeout=0.3)
+            assert 0.25 <= time.monotonic() - t0 < 5
+            assert bus.stats()["backend"]["outbox_full"] == 1
+            with pytest.raises(procwire.Timeout,
+                               match=r"10 emitted event\(s\) were not published: the bus was "
+                                     "closed before the broker confirmed them"):
+                bus.close(timeout=0.5)
+            assert bus.stats()["backend"]["emit_failed"] == 10
+        finally:
+            os.close(fd)
+
+
+def test_emits_from_many_threads_each_keep_their_order(brokers: Any) -> None:
+    with Bus() as sub_bus, Bus() as pub:
+        sub = sub_bus.subscribe("t", timeout=10, maxsize=100_000)
+
+        def emit(k: int) -> None:
+            for i in range(1000):
+                pub.emit("t", [k, i])
+
+        threads = [threading.Thread(target=emit, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        pub.flush(timeout=10)
+        got = [sub.get(10).data for _ in range(4000)]
+        for k in range(4):
+            assert [i for kk, i in got if kk == k] == list(range(1000))
+
+
+def test_asyncio_emit_is_pipelined_too(brokers: Any) -> None:
+    async def main() -> None:
+        async with AsyncBus() as a, AsyncBus() as b:
+            got = b.subscribe("a.*", timeout=10)
+            assert await a.emit("a.first", 0, confirm=True) == 1
+            for i in range(1, 500):
+                assert await a.emit("a.x", i) == -1
+            await a.flush()
+            assert [(await got.get(10)).data for _ in range(500)] == list(range(500))
+
+    asyncio.run(main())
