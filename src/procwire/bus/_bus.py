@@ -35,7 +35,7 @@ from ._core import (
     check_policy,
 )
 from ._errors import NoResponder, RemoteError
-from ._patterns import RESERVED_PREFIX, check_name, check_pattern
+from ._patterns import MAX_NAME, RESERVED_PREFIX, check_name, check_pattern
 
 __all__ = ["AsyncBus", "AsyncSubscription", "Bus"]
 
@@ -56,6 +56,18 @@ def _remaining(deadline: float | None) -> float | None:
 
 def _error_reply(cid: Any, exc: BaseException) -> dict[str, Any]:
     return {"id": cid, "error": {"type": type(exc).__name__, "message": str(exc)}}
+
+
+# This process's pid, kept by a fork hook: emit checks it on every call (a getpid each).
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _check_emit_name(event: str) -> None:
@@ -130,7 +142,7 @@ class _BusBase:
     def _check_usable(self) -> None:
         if self._core.closed:
             raise ChannelClosed("this bus is closed")
-        if os.getpid() != self._pid:
+        if _pid != self._pid:
             raise ProcwireError("this bus was created in another process (before a fork); "
                                 "create a new one in this process")
 
@@ -268,8 +280,11 @@ class Bus(_BusBase):
         full outbox: then ``procwire.Timeout``. A queued event that could not be published
         within its timeout is counted and raised by the next ``emit``, ``flush`` or ``close``:
         never dropped silently."""
-        _check_emit_name(event)
-        self._check_usable()
+        if not (type(event) is str and 0 < len(event) <= MAX_NAME  # the usual case, inline
+                and not event.startswith(RESERVED_PREFIX)):
+            _check_emit_name(event)
+        if self._core.closed or _pid != self._pid:
+            self._check_usable()
         t = self.emit_timeout if timeout is None else timeout
         try:
             if confirm:

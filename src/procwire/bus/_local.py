@@ -254,6 +254,7 @@ class LocalBackend(Backend):
         self._queued = 0
         self._settled = 0
         self._flusher: threading.Thread | None = None
+        self._flusher_idle = False  # waiting for work: emit notifies it
         self._closing = False
         self._fail_count = 0
         self._fail_reason = ""
@@ -546,13 +547,20 @@ class LocalBackend(Backend):
         up to ``timeout`` for room when ``outbox`` events are unconfirmed."""
         item = encode_item(name, data, self._limit - 64)  # refused here, before queueing
         deadline = None if timeout is None else time.monotonic() + timeout
+        size = len(item)
         with self._olock:
-            if (self._closing or self._fail_count or len(self._out) >= self.outbox_max
-                    or self._queued - self._settled >= self.outbox_max
-                    or self._out_bytes + len(item) > _OUTBOX_BYTES):
-                self._wait_for_room(len(item), deadline, timeout)
+            if (self._queued - self._settled < self.outbox_max and self._fail_count == 0
+                    and self._out_bytes + size <= _OUTBOX_BYTES and self._flusher is not None
+                    and not self._closing):  # the usual case, in one short critical section
+                self._out.append((item, deadline))
+                self._out_bytes += size
+                self._queued += 1
+                if self._flusher_idle:
+                    self._owake.notify()
+                return -1
+            self._wait_for_room(size, deadline, timeout)
             self._out.append((item, deadline))
-            self._out_bytes += len(item)
+            self._out_bytes += size
             self._queued += 1
             if self._flusher is None:
                 self._start_flusher()
@@ -571,7 +579,8 @@ class LocalBackend(Backend):
             self._out.append((item, None if timeout is None else time.monotonic() + timeout))
             self._out_bytes += len(item)
             self._queued += 1
-            self._owake.notify()
+            if self._flusher_idle:
+                self._owake.notify()
         return -1
 
     def publish_confirmed(self, name: str, data: Any, timeout: float | None) -> int:
@@ -644,7 +653,11 @@ class LocalBackend(Backend):
             while True:
                 with self._olock:
                     while not self._out and not self._closing:
-                        self._owake.wait()
+                        self._flusher_idle = True
+                        try:
+                            self._owake.wait()
+                        finally:
+                            self._flusher_idle = False
                     if not self._out:
                         return  # closing, nothing left to write
                 with self._wlock:  # (the reader's _requeue never runs mid-write)
