@@ -401,3 +401,27 @@ def test_emit_many_in_order_and_checked_first(pair: Any) -> None:
     with pytest.raises(ValueError):
         a.emit_many([("m.3", 3), ("procwire.gap", 0)])
     assert sub.get_nowait() is None  # nothing of the bad batch was sent
+
+
+def test_a_bus_used_in_a_forked_child_says_so(url: str) -> None:
+    """emit checks the process (a pid kept by a fork hook): the child gets a clear error."""
+    import os
+
+    bus = Bus(url)
+    try:
+        assert bus.emit("x", 1) == 1  # memory:// counts the buses on the name: this one
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 3
+            try:
+                bus.emit("x", 2)
+            except procwire.ProcwireError as exc:
+                code = 0 if "another process" in str(exc) else 4
+            except BaseException:
+                code = 5
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert bus.emit("x", 3) == 1  # the parent's bus goes on
+    finally:
+        bus.close()
