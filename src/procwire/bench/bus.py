@@ -10,7 +10,8 @@ Methods (``--only`` names):
                    bus's background flusher (like ioredis's automatic pipelining)
   broker_many      procwire ``Bus("broker:///...")`` (the local broker, the default ``Bus()``):
                    ``emit_many`` of 100 events per call (one confirmation per call)
-  broker_emit      the local broker, one ``emit()`` per event (confirmed: one round trip each)
+  broker_emit      the local broker, one ``emit()`` per event: queued, and pipelined by the
+                   bus's flusher as batch frames (one confirmation per batch)
   node_ioredis     Node ioredis: publisher issuing PUBLISH without awaiting (ioredis pipelines
                    them by itself), subscribers with JSON.parse
 
