@@ -175,3 +175,34 @@ def test_asyncio_emit_is_pipelined_too(brokers: Any) -> None:
             assert [(await got.get(10)).data for _ in range(500)] == list(range(500))
 
     asyncio.run(main())
+
+
+def test_an_event_over_a_restarted_brokers_frame_limit_fails_alone(brokers: Any,
+                                                                    children: Any) -> None:
+    """An event queued under one broker's frame limit, written after the bus reconnected to
+    a broker with a smaller one, is reported as not published (the broker would disconnect
+    the bus for it after every reconnection); the events around it go through."""
+    code = ("import sys\nfrom procwire.bus._broker import main\n"
+            "sys.exit(main(['--socket', sys.argv[1], '--idle', '0', *sys.argv[2:]]))\n")
+
+    def start(*extra: str) -> subprocess.Popen[bytes]:
+        p = children.python(code, brokers.path, *extra)
+        deadline = time.monotonic() + 20
+        while brokers.pid() is None or not brokers.alive(brokers.pid()):
+            assert time.monotonic() < deadline and p.poll() is None, "no broker"
+            time.sleep(0.02)
+        return p
+
+    first = start()
+    with Bus(brokers.url(autostart=0)) as bus:
+        sub = bus.subscribe("x", timeout=20)
+        brokers.kill(first.pid)
+        bus.emit("x", "before", timeout=30)
+        bus.emit("x", "a" * 200_000, timeout=30)  # fits the first broker's 1 MiB frames
+        bus.emit("x", "after", timeout=30)
+        start("--max-frame", "100000")
+        with pytest.raises(procwire.Timeout, match=r"1 emitted event\(s\) were not published: "
+                                                   r"larger than the broker's frame limit"):
+            bus.flush(timeout=20)
+        assert [sub.get(20).data for _ in range(2)] == ["before", "after"]
+        assert bus.stats()["backend"]["reconnects"] == 1

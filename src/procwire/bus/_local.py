@@ -665,19 +665,10 @@ class LocalBackend(Backend):
                     if ch is None or not self._up.is_set():
                         ch = None
                     else:
-                        limit = self._limit - 64
-                        with self._olock:
-                            batch: list[tuple[bytes, float | None]] = []
-                            size = 0
-                            out = self._out
-                            while out and (not batch or size + len(out[0][0]) + 1 <= limit):
-                                it = out.popleft()
-                                batch.append(it)
-                                size += len(it[0]) + 1
-                            seq = next(self._seq)
-                            self._inflight.append((seq, batch))
+                        seq, batch = self._take_batch()
                         try:
-                            ch.send(batch_frame(seq, [it for it, _ in batch]), timeout=None)
+                            if batch:
+                                ch.send(batch_frame(seq, batch), timeout=None)
                         except (ConnectionClosed, ChannelClosed, OSError):
                             # The reader thread sees the loss too: it puts what is in flight
                             # back in front of the outbox, or fails it once closed.
@@ -696,6 +687,32 @@ class LocalBackend(Backend):
                 self._out_bytes = 0
                 self._fail(n, "the flusher thread failed (a bug; see the log)")
                 self._flusher = None  # the next emit starts another
+
+    def _take_batch(self) -> tuple[int, list[bytes]]:
+        """The flusher: the queued events that fit one frame, now in flight under a new
+        seq. An event larger than the broker's frame limit (it shrank since the event was
+        encoded: a broker restarted with a smaller ``--max-frame``) fails instead: the
+        broker would disconnect this bus for it, again after every reconnection."""
+        limit = self._limit - 64
+        with self._olock:
+            batch: list[tuple[bytes, float | None]] = []
+            size = 0
+            out = self._out
+            while out:
+                n = len(out[0][0]) + 1
+                if n + 32 > limit:
+                    self._out_bytes -= len(out.popleft()[0])
+                    self._fail(1, f"larger than the broker's frame limit ({self._limit} bytes)")
+                    continue
+                if batch and size + n > limit:
+                    break
+                batch.append(out.popleft())
+                size += n
+            if not batch:
+                return 0, []
+            seq = next(self._seq)
+            self._inflight.append((seq, batch))
+        return seq, [it for it, _ in batch]
 
     def _expire(self) -> None:
         """Fail the queued events whose emit timeout has passed (the broker is down)."""
