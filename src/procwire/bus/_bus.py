@@ -110,8 +110,12 @@ def _close_in_background(core: BusCore, emit_timeout: float | None) -> None:
     an asyncio loop. The close (a Redis bus flushes what it queued, bounded by emit_timeout)
     goes to a daemon thread; at exit the atexit flush covers it."""
     timeout = 30.0 if emit_timeout is None else emit_timeout
-    if sys.is_finalizing():  # no new thread can start now (start() would hang); no GC race
-        _close_quietly(core, timeout)
+    if sys.is_finalizing():
+        # Interpreter exit, after the atexit flush published what was queued. No new thread
+        # can start now, and the daemon threads (reader, flusher, a socket's writer) are
+        # stopped wherever they were when they next wanted the GIL, holding any lock they
+        # had: a close could wait on such a lock forever (it did). The OS closes the sockets.
+        core.closed = True
         return
     threading.Thread(target=_close_quietly, args=(core, timeout), daemon=True,
                      name="procwire-bus-close-unclosed").start()
