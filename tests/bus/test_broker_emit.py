@@ -6,6 +6,7 @@ outbox."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -206,3 +207,129 @@ def test_an_event_over_a_restarted_brokers_frame_limit_fails_alone(brokers: Any,
             bus.flush(timeout=20)
         assert [sub.get(20).data for _ in range(2)] == ["before", "after"]
         assert bus.stats()["backend"]["reconnects"] == 1
+
+
+def test_many_reconnections_with_senders_busy_leave_the_bus_working(brokers: Any) -> None:
+    """The broker says bye (a bad frame) again and again while eight threads send: the
+    reader must survive closing a channel with unsent bytes (it died), and a send that
+    failed on the old channel must not mark the new one down (the bus wedged)."""
+    from procwire.bus._wire import encode_frame
+
+    with Bus(brokers.url(idle=30), emit_timeout=2.0) as bus:
+        backend: Any = bus._backend
+        assert bus.emit("warm", 1, confirm=True) == 0
+        stop = time.monotonic() + 3.0
+
+        def send() -> None:
+            while time.monotonic() < stop:
+                with contextlib.suppress(procwire.ProcwireError):
+                    bus.emit("c", "y" * 2000, confirm=True, timeout=2)
+
+        threads = [threading.Thread(target=send, daemon=True) for _ in range(8)]
+        for t in threads:
+            t.start()
+        byes = 0
+        while time.monotonic() < stop:
+            ch = backend._ch
+            if ch is not None:
+                with contextlib.suppress(procwire.ProcwireError):
+                    ch.send(encode_frame("bogus", 0, "x", None), timeout=0)  # -> bye
+                    byes += 1
+            time.sleep(0.03)
+        for t in threads:
+            t.join(10)
+        assert byes > 10 and backend.reconnects > 10
+        assert backend._thread.is_alive()
+        assert bus.emit("after", 1, confirm=True, timeout=10) == 0
+        bus.emit("after", 2)
+        bus.flush(timeout=10)
+
+
+def test_close_returns_in_time_while_the_broker_reads_nothing(brokers: Any) -> None:
+    """Large batch frames to a stopped broker: close(timeout=2) returns (raising what was not
+    confirmed) instead of waiting forever on the socket's write lock."""
+    bus = Bus(brokers.url(idle=30))
+    assert bus.emit("warm", 1, confirm=True) == 0
+    pid = brokers.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(40):
+            bus.emit("big", "x" * 60_000)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        with pytest.raises(procwire.Timeout, match="were not published"):
+            bus.close(timeout=2)
+        assert time.monotonic() - t0 < 6
+    finally:
+        brokers.kill(pid)
+
+
+def test_the_largest_event_emit_accepts_is_published(brokers: Any) -> None:
+    with Bus() as bus:
+        sub = bus.subscribe("e", timeout=10)
+        limit = bus._backend._limit  # type: ignore[attr-defined]
+        for size in (limit - 64, limit - 100):
+            text = "x" * (size - len('["e",""]'))
+            bus.emit("e", text)
+            bus.flush(timeout=10)
+            assert sub.get(10).data == text
+        with pytest.raises(procwire.MessageTooLarge):
+            bus.emit("e", "x" * limit)
+        assert bus.stats()["backend"]["emit_failed"] == 0
+
+
+def test_a_late_answer_to_a_call_that_gave_up_confirms_no_batch(brokers: Any,
+                                                                 monkeypatch: Any) -> None:
+    """The flusher takes a batch (seq T) and is held up before writing it; meanwhile a call
+    (seq S > T) gives up at once and its ok arrives: that ok must not confirm batch T, which
+    the broker never saw (after the broker died it was not written again: lost silently)."""
+    from procwire.bus import _local
+
+    with Bus(emit_timeout=5.0) as bus:
+        sub = bus.subscribe("e", timeout=10)  # registered again before batches are rewritten
+        assert bus.emit("warm", 1, confirm=True) == 0
+        backend: Any = bus._backend
+        take = _local.LocalBackend._take_batch
+        held = threading.Event()
+
+        def slow_take(self: Any) -> Any:
+            got = take(self)
+            if got[1] and not held.is_set():
+                held.set()
+                time.sleep(0.5)  # the flusher preempted between taking and writing
+            return got
+
+        monkeypatch.setattr(_local.LocalBackend, "_take_batch", slow_take)
+        bus.emit("e", "important")
+        assert held.wait(5)
+        with pytest.raises(procwire.Timeout):
+            backend.add_pattern("zz", 0.000001)  # gives up at once; its ok comes later
+        time.sleep(0.1)
+        assert len(backend._inflight) == 1  # still in flight, not confirmed by that ok
+        pid = brokers.pid()
+        assert pid is not None
+        brokers.kill(pid)  # the batch was written to a broker that never read it, or not yet
+        bus.flush(timeout=10)
+        assert sub.get(10) == Event("e", "important")
+
+
+def test_failures_counted_but_not_raised_are_reported_at_exit(brokers: Any,
+                                                              children: Any) -> None:
+    code = ("import os, signal, sys, time\nfrom procwire.bus import Bus\n"
+            "bus = Bus(sys.argv[1], emit_timeout=0.5)\n"
+            "bus.emit('warm', 1, confirm=True)\n"
+            "os.kill(int(sys.argv[2]), signal.SIGKILL)\n"
+            "for i in range(10):\n"
+            "    bus.emit('e', i)\n"
+            "time.sleep(1.5)\n"  # past their timeout: counted, not raised (no call since)
+            "print('exiting', flush=True)\n")
+    with Bus(brokers.url(idle=30)):
+        pid = brokers.pid()
+    assert pid is not None
+    p = children.python(code, brokers.url(autostart=0), str(pid), stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE)
+    out, err = p.communicate(timeout=30)
+    brokers.wait_gone(pid)
+    assert out.strip() == b"exiting"
+    assert b"at exit, 10 emitted event(s) were not published" in err, err.decode()

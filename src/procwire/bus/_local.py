@@ -84,6 +84,8 @@ log = logging.getLogger("procwire.bus")
 
 _ENVELOPE = 4096  # bytes of frame around a message's data, within the broker's max frame
 DEFAULT_OUTBOX = 10_000  # events emitted but not yet confirmed before emit() waits for room
+_SEND_SLICE = 0.25  # the flusher's longest wait for room in the socket at a time
+_BATCH_HEAD = 40  # bytes of a "pubs" frame around its items: ["pubs",<seq>,"",[ ... ]]
 _OUTBOX_BYTES = 64 << 20  # ... or this many bytes of them
 _ASYNC_IO_THREAD = "procwire-bus-io"  # AsyncBus's single I/O thread (see request())
 
@@ -167,6 +169,15 @@ class _Slot:
 
 class _Lost(Exception):
     """The connection broke before the broker answered."""
+
+
+def _close_quietly(ch: Channel) -> None:
+    """Close a channel that is being given up: unsent bytes in its buffer make ``close``
+    raise ``Timeout``, which must not end the caller (the reader thread, mid-recovery)."""
+    try:
+        ch.close(0)
+    except ProcwireError:
+        pass
 
 
 def _left(deadline: float | None) -> float | None:
@@ -297,7 +308,7 @@ class LocalBackend(Backend):
             info = self._hello(ch, None if deadline is None
                                else max(0.01, deadline - time.monotonic()))
         except BaseException:
-            ch.close(0)
+            _close_quietly(ch)
             raise
         limit = info.get("max_frame")
         if isinstance(limit, int) and limit > 0:
@@ -328,7 +339,7 @@ class LocalBackend(Backend):
         ch, info = self._open(timeout)
         self.broker = info
         if not self._install(ch):
-            ch.close(0)
+            _close_quietly(ch)
             raise ChannelClosed("this bus is closed")
         self._up.set()
         self._thread = threading.Thread(target=self._reader, args=(ch,), daemon=True,
@@ -423,7 +434,7 @@ class LocalBackend(Backend):
         self._up.clear()
         with self._lock:
             ch, self._ch = self._ch, None
-        old.close(0)
+        _close_quietly(old)
         self._fail_pending()
         self._requeue()  # (their emit timeouts now run: see _expire)
         old_run = self.broker.get("run_id")
@@ -444,7 +455,7 @@ class LocalBackend(Backend):
                 continue
             self.broker = info
             if not self._install(ch):
-                ch.close(0)
+                _close_quietly(ch)
                 return None
             self.reconnects += 1
             self._requeue()  # before _up: the flusher writes it first
@@ -465,6 +476,14 @@ class LocalBackend(Backend):
         return None
 
     # -- sending ---------------------------------------------------------------------------
+
+    def _lost(self, ch: Channel) -> None:
+        """A sending thread found ``ch`` broken: the reader will reconnect. Only while ``ch``
+        is still the live channel: a send that failed on an old one must not mark the new
+        one down (nothing would set it up again until the next loss)."""
+        with self._lock:
+            if self._ch is ch:
+                self._up.clear()
 
     def _channel(self, deadline: float | None, what: str) -> Channel:
         """The live channel, waiting (until ``deadline``) for a reconnection if needed."""
@@ -506,7 +525,7 @@ class LocalBackend(Backend):
                     self._pending.pop(seq, None)
                 if self._closed:
                     raise
-                self._up.clear()
+                self._lost(ch)
                 continue
             except BaseException:
                 with self._lock:
@@ -538,7 +557,7 @@ class LocalBackend(Backend):
             except (ConnectionClosed, ChannelClosed):
                 if self._closed:
                     raise
-                self._up.clear()
+                self._lost(ch)
 
     # -- the outbox: pipelined emit ---------------------------------------------------------
 
@@ -668,7 +687,14 @@ class LocalBackend(Backend):
                         seq, batch = self._take_batch()
                         try:
                             if batch:
-                                ch.send(batch_frame(seq, batch), timeout=None)
+                                # A bounded wait, so that close() (which needs the socket's
+                                # write lock) never waits on a broker that stopped reading.
+                                ch.send(batch_frame(seq, batch), timeout=_SEND_SLICE)
+                        except Timeout:
+                            # The socket's queue stayed full: nothing of this frame went
+                            # out. Put it back in front and try again (or fail it, closed).
+                            self._unsend(seq)
+                            ch = None
                         except (ConnectionClosed, ChannelClosed, OSError):
                             # The reader thread sees the loss too: it puts what is in flight
                             # back in front of the outbox, or fails it once closed.
@@ -693,18 +719,19 @@ class LocalBackend(Backend):
         seq. An event larger than the broker's frame limit (it shrank since the event was
         encoded: a broker restarted with a smaller ``--max-frame``) fails instead: the
         broker would disconnect this bus for it, again after every reconnection."""
-        limit = self._limit - 64
+        item_max = self._limit - 64  # what publish accepts under the current limit
+        room = self._limit - _BATCH_HEAD
         with self._olock:
             batch: list[tuple[bytes, float | None]] = []
             size = 0
             out = self._out
             while out:
                 n = len(out[0][0]) + 1
-                if n + 32 > limit:
+                if n - 1 > item_max:
                     self._out_bytes -= len(out.popleft()[0])
                     self._fail(1, f"larger than the broker's frame limit ({self._limit} bytes)")
                     continue
-                if batch and size + n > limit:
+                if batch and size + n > room:
                     break
                 batch.append(out.popleft())
                 size += n
@@ -713,6 +740,14 @@ class LocalBackend(Backend):
             seq = next(self._seq)
             self._inflight.append((seq, batch))
         return seq, [it for it, _ in batch]
+
+    def _unsend(self, seq: int) -> None:
+        """The flusher (``_wlock`` held): batch ``seq``, the newest in flight, was not
+        written after all: back in front of the outbox."""
+        with self._olock:
+            if self._inflight and self._inflight[-1][0] == seq:
+                _, batch = self._inflight.pop()
+                self._out.extendleft(reversed(batch))
 
     def _expire(self) -> None:
         """Fail the queued events whose emit timeout has passed (the broker is down)."""
@@ -727,19 +762,17 @@ class LocalBackend(Backend):
                           "emit timeout")
 
     def _confirm(self, seq: int, f: ClientFrame) -> None:
-        """The reader thread: ``ok`` (or ``err``) for the ``pubs`` frame ``seq``; the broker
-        handles a connection's frames in order, so every batch written before it is done."""
+        """The reader thread: ``ok`` (or ``err``) for ``seq``. Every batch gets its own
+        answer, in order (the broker handles a connection's frames in order), so it is the
+        oldest batch in flight, or no batch at all (a call that timed out: its late answer must
+        not confirm a batch the broker may not have seen yet)."""
         with self._olock:
             inflight = self._inflight
-            if not inflight or inflight[0][0] > seq:
-                return
-            done = 0
-            size = 0
-            while inflight and inflight[0][0] <= seq:
-                _, batch = inflight.popleft()
-                done += len(batch)
-                size += sum(len(it) for it, _ in batch)
-            self._out_bytes -= size
+            if not inflight or inflight[0][0] != seq:
+                return  # an answer to a call that gave up waiting: not a batch's
+            _, batch = inflight.popleft()
+            done = len(batch)
+            self._out_bytes -= sum(len(it) for it, _ in batch)
             if f.kind == "err":
                 err = f.body if isinstance(f.body, dict) else {}
                 self._fail(done, f"the broker refused them: {err.get('message', err)}")
@@ -793,8 +826,9 @@ class LocalBackend(Backend):
             self._raise_failure()
 
     def flush_at_exit_pending(self) -> bool:
-        return not self._closed and self._queued != self._settled and \
-            self._pid == os.getpid()
+        # (also failures counted and not raised yet: the atexit flush logs them)
+        return not self._closed and self._pid == os.getpid() and \
+            (self._queued != self._settled or bool(self._fail_count))
 
     def publish_many(self, events: list[tuple[str, Any]], timeout: float | None) -> None:
         if not events:
@@ -909,12 +943,12 @@ class LocalBackend(Backend):
         except (ProcwireError, OSError) as exc:
             log.debug("procwire bus: no requests connection: %s", exc)
             if ch is not None:
-                ch.close(0)
+                _close_quietly(ch)
             self._rr_retry_at = now + 1.0
             return None
         with self._lock:
             if self._closed:
-                ch.close(0)
+                _close_quietly(ch)
                 return None
             self._rr = ch
         return ch
@@ -923,10 +957,7 @@ class LocalBackend(Backend):
         with self._lock:
             if self._rr is ch:
                 self._rr = None
-        try:
-            ch.close(0)
-        except ProcwireError:
-            pass
+        _close_quietly(ch)
 
     def reply(self, reply_to: str, reply: dict[str, Any], timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -756,7 +756,9 @@ class RedisBackend(Backend):
 
     def flush_at_exit_pending(self) -> bool:
         # (a forked child has the parent's outbox but not its flusher)
-        return not self._closed and bool(self._out) and self._pid == os.getpid()
+        # (also failures counted and not raised yet: the atexit flush logs them)
+        return not self._closed and self._pid == os.getpid() and \
+            (bool(self._out) or bool(self._fail_count))
 
     def flush(self, timeout: float | None) -> None:
         if not self._drain(timeout):
