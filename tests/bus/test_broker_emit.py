@@ -297,19 +297,23 @@ def test_a_late_answer_to_a_call_that_gave_up_confirms_no_batch(brokers: Any,
             got = take(self)
             if got[1] and not held.is_set():
                 held.set()
-                time.sleep(0.5)  # the flusher preempted between taking and writing
+                time.sleep(1.5)  # the flusher preempted between taking and writing
             return got
 
         monkeypatch.setattr(_local.LocalBackend, "_take_batch", slow_take)
-        bus.emit("e", "important")
-        assert held.wait(5)
-        with pytest.raises(procwire.Timeout):
-            backend.add_pattern("zz", 0.000001)  # gives up at once; its ok comes later
-        time.sleep(0.1)
-        assert len(backend._inflight) == 1  # still in flight, not confirmed by that ok
         pid = brokers.pid()
         assert pid is not None
-        brokers.kill(pid)  # the batch was written to a broker that never read it, or not yet
+        bus.emit("e", "important")
+        assert held.wait(5)
+        os.kill(pid, signal.SIGSTOP)  # the call below gets no answer in its time
+        try:
+            with pytest.raises(procwire.Timeout):
+                backend.add_pattern("zz", 0.1)
+        finally:
+            os.kill(pid, signal.SIGCONT)  # now its ok comes, late
+        time.sleep(0.3)
+        assert len(backend._inflight) == 1  # still in flight, not confirmed by that ok
+        brokers.kill(pid)  # before the flusher writes the batch: no broker ever saw it
         bus.flush(timeout=10)
         assert sub.get(10) == Event("e", "important")
 
