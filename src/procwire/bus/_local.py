@@ -679,6 +679,7 @@ class LocalBackend(Backend):
                             self._flusher_idle = False
                     if not self._out:
                         return  # closing, nothing left to write
+                batch: list[bytes] = []
                 with self._wlock:  # (the reader's _requeue never runs mid-write)
                     ch = self._ch
                     if ch is None or not self._up.is_set():
@@ -704,6 +705,10 @@ class LocalBackend(Backend):
                     if self._closed:
                         return
                     self._up.wait(0.05)
+                elif not batch:  # an event to fail waits for the batches before it
+                    with self._olock:
+                        if self._inflight:
+                            self._ocond.wait(0.05)
         except Exception:  # a bug: say so, and do not leave emit queueing for nobody
             log.exception("procwire bus: the broker flusher thread failed")
             with self._olock:
@@ -717,8 +722,9 @@ class LocalBackend(Backend):
     def _take_batch(self) -> tuple[int, list[bytes]]:
         """The flusher: the queued events that fit one frame, now in flight under a new
         seq. An event larger than the broker's frame limit (it shrank since the event was
-        encoded: a broker restarted with a smaller ``--max-frame``) fails instead: the
-        broker would disconnect this bus for it, again after every reconnection."""
+        encoded: a broker restarted with a smaller ``--max-frame``) fails instead, once the
+        events before it are settled: the broker would disconnect this bus for it, again
+        after every reconnection. ``(0, [])``: nothing to write now."""
         item_max = self._limit - 64  # what publish accepts under the current limit
         room = self._limit - _BATCH_HEAD
         with self._olock:
@@ -728,6 +734,10 @@ class LocalBackend(Backend):
             while out:
                 n = len(out[0][0]) + 1
                 if n - 1 > item_max:
+                    if batch or self._inflight:
+                        # Failed once everything before it is settled: flush() and the
+                        # calls that wait for earlier emits count settled events in order.
+                        break
                     self._out_bytes -= len(out.popleft()[0])
                     self._fail(1, f"larger than the broker's frame limit ({self._limit} bytes)")
                     continue
