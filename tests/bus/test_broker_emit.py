@@ -337,3 +337,46 @@ def test_failures_counted_but_not_raised_are_reported_at_exit(brokers: Any,
     brokers.wait_gone(pid)
     assert out.strip() == b"exiting"
     assert b"at exit, 10 emitted event(s) were not published" in err, err.decode()
+
+
+def test_emit_many_reads_its_own_confirmation_on_the_requests_connection(
+        brokers: Any, children: Any) -> None:
+    """A blocking emit_many goes on the requests connection and the calling thread reads its
+    confirmation itself; while another thread holds that connection (a request waiting for a
+    slow handler) it takes the main connection. Either way: in order, each once."""
+    handler = children.python(
+        "import sys, time\nfrom procwire.bus import Bus\n"
+        "with Bus() as bus:\n"
+        "    bus.handle('slow', lambda d: time.sleep(d) or 'done')\n"
+        "    print('ready', flush=True)\n"
+        "    sys.stdin.read()\n", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert handler.stdout.readline().strip() == b"ready"
+    with Bus() as sub_bus, Bus() as pub:
+        sub = sub_bus.subscribe("m", timeout=10, maxsize=10_000)
+        backend: Any = pub._backend
+        pub.emit_many([("m", i) for i in range(100)])
+        assert backend.batches_direct == 1
+        t = threading.Thread(target=lambda: pub.request("slow", 1.0, timeout=10))
+        t.start()
+        time.sleep(0.3)  # the request holds the requests connection now
+        pub.emit_many([("m", i) for i in range(100, 200)])
+        assert backend.batches_direct == 1  # that one took the main connection
+        t.join(10)
+        pub.emit_many([("m", i) for i in range(200, 300)])
+        assert backend.batches_direct == 2
+        assert [sub.get(10).data for _ in range(300)] == list(range(300))
+    handler.stdin.close()
+    assert handler.wait(10) == 0
+
+
+def test_emit_many_after_the_broker_died_goes_through_the_new_one(brokers: Any) -> None:
+    with Bus(brokers.url(idle=30)) as bus:
+        sub = bus.subscribe("m", timeout=20, maxsize=10_000)
+        bus.emit_many([("m", i) for i in range(10)])  # opens the requests connection
+        assert [sub.get(10).data for _ in range(10)] == list(range(10))
+        pid = brokers.pid()
+        assert pid is not None
+        brokers.kill(pid)
+        bus.emit_many([("m", i) for i in range(10, 20)], timeout=20)
+        got = _ids(sub, set(range(10, 20)))
+        assert sorted(set(got)) == list(range(10, 20)) and got == sorted(got)

@@ -12,9 +12,9 @@ to ``<socket>.log``, not a child that dies with this process), under an ``flock`
 ``<socket>.spawn`` so that many processes starting at once start one broker.
 
 One main connection per bus, read by one thread (events, requests to this bus's handlers,
-acknowledgements), plus, from the first request of a blocking bus on, a requests connection
-whose reply the requesting thread reads itself (one thread at a time; the others, and the
-asyncio bus, send requests on the main connection). If the main connection breaks (the broker
+acknowledgements), plus, from the first request or ``emit_many`` of a blocking bus on, a
+requests connection whose answer the calling thread reads itself (one thread at a time; the
+others, and the asyncio bus, use the main connection). If the main connection breaks (the broker
 was killed, or it disconnected this bus for reading too slowly), the thread reconnects with
 backoff, starting a new broker when none runs, registers the bus's patterns and request names
 again, and emits ``procwire.gap`` with ``{"reason", "detail", "down_for", "backend"}``: events
@@ -281,6 +281,7 @@ class LocalBackend(Backend):
         self.bad_frames = 0
         self.gaps_from_broker = 0
         self.requests_direct = 0  # sent on the requests connection (the fast path)
+        self.batches_direct = 0  # emit_many batches sent there
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -848,6 +849,12 @@ class LocalBackend(Backend):
         timeout = _left(deadline)
         body = encode_batch(events, self._limit - 32)
         if body is not None:  # the usual case: one encoder call, one frame
+            if self._rr_lock.acquire(blocking=False):
+                try:
+                    if self._publish_direct(body, timeout):
+                        return
+                finally:
+                    self._rr_lock.release()
             self._call_raw(lambda seq: b'["pubs",%d,"",' % seq + body + b"]", "pubs", timeout)
             return
         # Encode everything first: a bad event raises before anything is sent. The events
@@ -888,51 +895,96 @@ class LocalBackend(Backend):
         connection, whose replies the calling thread reads itself, and delivered to the sink
         before returning, so the waiting caller needs no wake-up from another thread.
         True: sent, and answered or timed out; False: not sent, use the main connection."""
-        if self._closed or threading.current_thread().name.startswith(_ASYNC_IO_THREAD):
-            return False  # the asyncio bus's one I/O thread must not wait a round trip
-        ch = self._rr or self._open_rr()
+        cid = request.get("id")
+        ch = self._rr_send(lambda: encode_frame(
+            "req", 0, name, dict(request, reply_to=self._rr_reply_to), self._limit), timeout)
         if ch is None:
             return False
-        cid = request.get("id")
-        data = encode_frame("req", 0, name, dict(request, reply_to=self._rr_reply_to),
-                            self._limit)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self.requests_direct += 1
         try:
-            ch.send(data, timeout=timeout)
+            # (timed out: the caller's wait for the reply times out as usual)
+            self._rr_until(ch, timeout, lambda f: f.kind == "rep" and f.body.get("id") == cid)
+        except _Lost:
+            pass  # like on the main connection, the caller times out (a resend could run
+            # the handler twice)
+        return True
+
+    def _publish_direct(self, body: bytes, timeout: float | None) -> bool:
+        """``emit_many``'s fast path (``_rr_lock`` held): the batch goes on the requests
+        connection, whose confirmation the calling thread reads itself (no wake-up from the
+        reader thread on the way back). True: confirmed. False: not sent, or that connection
+        broke before the confirmation came: the caller sends the batch on the main
+        connection (the broker may then have it twice, as after any lost connection)."""
+        seq = next(self._seq)
+        ch = self._rr_send(lambda: b'["pubs",%d,"",' % seq + body + b"]", timeout)
+        if ch is None:
+            return False
+        self.batches_direct += 1
+        try:
+            f = self._rr_until(ch, timeout, lambda f: f.kind in ("ok", "err") and f.seq == seq)
+        except _Lost:
+            return False
+        if f is None:  # its confirmation would come later on this connection: give it up
+            self._drop_rr(ch)
+            raise Timeout(f"the broker did not confirm the events within {timeout} s; they "
+                          "may have been delivered")
+        if f.kind == "err":
+            err = f.body if isinstance(f.body, dict) else {}
+            raise ValueError(str(err.get("message", "the broker refused it")))
+        return True
+
+    def _rr_send(self, make: Callable[[], bytes], timeout: float | None) -> Channel | None:
+        """Send ``make()`` on the requests connection (``_rr_lock`` held); the connection, or
+        None when nothing was sent (use the main connection)."""
+        if self._closed or threading.current_thread().name.startswith(_ASYNC_IO_THREAD):
+            return None  # the asyncio bus's one I/O thread must not wait a round trip
+        ch = self._rr or self._open_rr()
+        if ch is None:
+            return None
+        try:
+            ch.send(make(), timeout=timeout)
         except (ProcwireError, OSError):
             self._drop_rr(ch)
-            return False
-        self.requests_direct += 1
+            return None
+        return ch
+
+    def _rr_until(self, ch: Channel, timeout: float | None,
+                  match: Callable[[ClientFrame], bool]) -> ClientFrame | None:
+        """Read the requests connection until a frame ``match`` accepts (returned), handing
+        every reply on the way to the sink (ours, or a late one for an earlier timed-out
+        call). None: ``timeout`` ran out. ``_Lost`` (the connection dropped): it broke, or
+        the broker said bye."""
         sink = self._sink
         assert sink is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
         wait = timeout  # the same value every time: no change of the socket's timeout
         while True:
             try:
-                f = ch.recv(wait)
+                f: ClientFrame = ch.recv(wait)
             except Timeout:
-                return True
+                return None
             except DecodeError as exc:
                 self.bad_frames += 1
                 log.warning("procwire bus: skipped a bad frame from the broker: %s", exc)
                 continue
-            except (ProcwireError, OSError):
-                # Lost with the request in flight: like on the main connection, the caller
-                # times out (a resend could run the handler twice).
+            except (ProcwireError, OSError) as exc:
                 self._drop_rr(ch)
-                return True
+                raise _Lost() from exc
             if f.kind == "rep" and isinstance(f.body, dict):
-                sink.on_reply(f.body)  # ours, or a late one for an earlier timed-out call
-                if f.body.get("id") == cid:
-                    return True
+                sink.on_reply(f.body)
+                if match(f):
+                    return f
             elif f.kind == "bye":
                 self._drop_rr(ch)
-                return True
+                raise _Lost()
+            elif match(f):
+                return f
             else:
                 self.bad_frames += 1
             if deadline is not None:
                 wait = deadline - time.monotonic()
                 if wait <= 0:
-                    return True
+                    return None
 
     def _open_rr(self) -> Channel | None:
         """Connect the requests connection (never starts a broker: the main connection's
@@ -1033,7 +1085,7 @@ class LocalBackend(Backend):
                 "server_disconnects": self.server_disconnects,
                 "events_received": self.events_received, "bad_frames": self.bad_frames,
                 "gaps_from_broker": self.gaps_from_broker,
-                "requests_direct": self.requests_direct,
+                "requests_direct": self.requests_direct, "batches_direct": self.batches_direct,
                 "outbox": self._queued - self._settled, "outbox_full": self.outbox_full,
                 "emit_failed": self.emit_failed, "emit_resent": self.emit_resent}
 
