@@ -25,9 +25,9 @@ it dropped events under ``drop_oldest``.
 
 ``emit`` is pipelined: it queues the encoded event in a bounded outbox (``outbox`` events,
 default 10 000) and returns -1; a flusher thread writes everything queued since its last write
-as one ``pubs`` frame, which the broker answers with ``ok`` (read by the reader thread: it
-confirms that batch and every earlier one, since the broker handles a connection's frames in
-order). A full outbox makes ``emit`` wait up to its timeout (then ``procwire.Timeout``); an
+as one ``pubs`` frame, which the broker answers with ``ok`` (read by the reader thread; the
+broker handles a connection's frames in order, so the answers come in the order the batches
+went). A full outbox makes ``emit`` wait up to its timeout (then ``procwire.Timeout``); an
 event that cannot be written before its timeout while the broker is unreachable is counted and
 raised by the next ``emit``/``flush``/``close``: never dropped silently. What was written but
 not confirmed when the connection broke is written again on the next connection, before
@@ -572,19 +572,12 @@ class LocalBackend(Backend):
             if (self._queued - self._settled < self.outbox_max and self._fail_count == 0
                     and self._out_bytes + size <= _OUTBOX_BYTES and self._flusher is not None
                     and not self._closing):  # the usual case, in one short critical section
-                self._out.append((item, deadline))
-                self._out_bytes += size
-                self._queued += 1
-                if self._flusher_idle:
-                    self._owake.notify()
+                self._enqueue(item, deadline)
                 return -1
             self._wait_for_room(size, deadline, timeout)
-            self._out.append((item, deadline))
-            self._out_bytes += size
-            self._queued += 1
             if self._flusher is None:
                 self._start_flusher()
-            self._owake.notify()
+            self._enqueue(item, deadline)
             self._raise_failure(queued=1)
         return -1
 
@@ -596,12 +589,16 @@ class LocalBackend(Backend):
                     or self._queued - self._settled >= self.outbox_max
                     or self._out_bytes + len(item) > _OUTBOX_BYTES):
                 return None
-            self._out.append((item, None if timeout is None else time.monotonic() + timeout))
-            self._out_bytes += len(item)
-            self._queued += 1
-            if self._flusher_idle:
-                self._owake.notify()
+            self._enqueue(item, None if timeout is None else time.monotonic() + timeout)
         return -1
+
+    def _enqueue(self, item: bytes, deadline: float | None) -> None:
+        """With ``_olock`` held and room checked: queue ``item``; wake an idle flusher."""
+        self._out.append((item, deadline))
+        self._out_bytes += len(item)
+        self._queued += 1
+        if self._flusher_idle:
+            self._owake.notify()
 
     def publish_confirmed(self, name: str, data: Any, timeout: float | None) -> int:
         """One confirmed ``pub`` frame, after the events queued before it (in order)."""
