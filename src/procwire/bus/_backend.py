@@ -117,6 +117,13 @@ class Backend(ABC):
     @abstractmethod
     def remove_responder(self, name: str, timeout: float | None) -> None: ...
 
+    def enable_inline(  # noqa: B027
+            self, answer: Callable[[str, dict[str, Any]], dict[str, Any] | None]) -> None:
+        """A blocking bus offers ``answer(name, request) -> reply`` (None: not answered that
+        way), which runs the handler on the calling thread: a backend may call it from its
+        own threads to answer requests without a hand-off (the local broker's direct path).
+        Called before ``start``; default: not used."""
+
     def stop_responding(self, timeout: float | None) -> None:  # noqa: B027
         """Closing: stop requests from reaching this bus (confirmed) while its handlers still
         run, so that none arrives to be dropped; default: nothing to do."""

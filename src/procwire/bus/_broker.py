@@ -52,7 +52,7 @@ from .._url import Address
 from ..protocol.framing import FrameDecoder
 from ..transports import unix as _unix
 from ..transports.base import TransportOptions
-from ._paths import BrokerFiles, default_socket_path, try_lock
+from ._paths import BrokerFiles, default_socket_path, direct_path_ok, try_lock
 from ._patterns import MAX_NAME, RESERVED_PREFIX, Matcher
 from ._wire import VERSION, decode_broker_frame, encode_frame
 
@@ -73,6 +73,7 @@ _WRITE_BUFFER = 256 * 1024   # the transport's own buffer: small, so our queue i
 _READ_BUFFER = 64 * 1024     # per client; a larger frame gets a buffer of its own
 _DRAIN_CHUNK = 64 * 1024     # queued frames joined into one write when a client catches up
 _ROUTE_CACHE = 4096
+_MAX_GIVEN = 1024  # direct routes given to one requests connection at most
 
 _u32 = struct.Struct(">I").pack
 
@@ -90,6 +91,12 @@ class _Hello(msgspec.Struct):
     queue: int = 0
     policy: str = ""
     version: int = VERSION
+    direct: str = ""  # this bus's direct request socket (see _direct), if it has one
+    routes: bool = False  # send this connection the direct routes of the names it requests
+
+
+class _HandleBody(msgspec.Struct):
+    direct: str = ""
 
 
 class _ReqHead(msgspec.Struct):
@@ -99,6 +106,7 @@ class _ReqHead(msgspec.Struct):
 
 _decode_hello = msgspec.json.Decoder(_Hello).decode
 _decode_req = msgspec.json.Decoder(_ReqHead).decode
+_decode_handle = msgspec.json.Decoder(_HandleBody | None).decode
 _decode_batch = msgspec.json.Decoder(list[tuple[str, msgspec.Raw]]).decode
 _json_str = msgspec.json.Encoder().encode
 
@@ -125,6 +133,9 @@ class _Client(asyncio.BufferedProtocol):
         self.reply_to = ""
         self.patterns: dict[str, Matcher] = {}
         self.handles: set[str] = set()
+        self.direct = ""      # its direct request socket (a responder), or ""
+        self.routes = False   # a requests connection that takes direct routes
+        self.given: set[str] = set()  # names whose route it was given (and not withdrawn)
         self.out: deque[bytes] = deque()   # events: dropped from under drop_oldest
         self.ctl: deque[bytes] = deque()   # acks, requests, replies, notices: never dropped
         self.out_bytes = 0
@@ -187,7 +198,8 @@ class _Client(asyncio.BufferedProtocol):
         return {"id": self.id, "pid": self.pid, "name": self.name,
                 "channel": self.space.name if self.space else None,
                 "patterns": sorted(self.patterns)[:20], "n_patterns": len(self.patterns),
-                "handles": sorted(self.handles)[:20], "policy": self.policy,
+                "handles": sorted(self.handles)[:20], "direct": bool(self.direct),
+                "policy": self.policy,
                 "max_queue": self.max_queue, "queued": len(self.out) + len(self.ctl),
                 "queue_peak": self.queue_peak, "frames_in": self.frames_in,
                 "events_in": self.events_in, "requests_in": self.requests_in,
@@ -205,6 +217,9 @@ class _Space:
         self.routes: dict[str, tuple[_Client, ...]] = {}
         self.handlers: dict[str, list[_Client]] = {}
         self.turn: dict[str, int] = {}
+        # name -> requests connections given its direct route (withdrawn when its handlers
+        # change)
+        self.holders: dict[str, set[_Client]] = {}
 
     def route(self, name: str) -> tuple[_Client, ...]:
         found = tuple(c for c in self.subscribers
@@ -230,21 +245,38 @@ class _Space:
         self.turn[name] = i + 1
         return hs[i]
 
-    def drop(self, c: _Client) -> None:
+    def drop(self, c: _Client) -> list[str]:
+        """``c`` left; the names whose handlers changed."""
         self.members.discard(c)
         if c in self.subscribers:
             self.subscribers.remove(c)
             self.routes.clear()
-        for name in list(c.handles):
-            self.unhandle(c, name)
+        for name in c.given:
+            held = self.holders.get(name)
+            if held is not None:
+                held.discard(c)
+                if not held:
+                    del self.holders[name]
+        c.given.clear()
+        return [name for name in list(c.handles) if self.unhandle(c, name)]
 
-    def unhandle(self, c: _Client, name: str) -> None:
+    def unhandle(self, c: _Client, name: str) -> bool:
         hs = self.handlers.get(name)
         if hs and c in hs:
             hs.remove(c)
             if not hs:
                 del self.handlers[name]
                 self.turn.pop(name, None)
+            return True
+        return False
+
+    def withdraw(self, name: str) -> set[_Client]:
+        """``name``'s handlers changed: the connections given its route, which no longer
+        holds."""
+        held = self.holders.pop(name, None) or set()
+        for h in held:
+            h.given.discard(name)
+        return held
 
 
 class Broker:
@@ -285,6 +317,7 @@ class Broker:
         self.replies = 0
         self.replies_unroutable = 0
         self.no_responder = 0
+        self.routes_given = 0
         self.dropped = 0
         self.slow_disconnects = 0
         self.bad_clients = 0
@@ -487,10 +520,12 @@ class Broker:
                     if c.patterns.pop(f.name, None) is not None:
                         space.resubscribed(c)
                 elif kind == "handle":
+                    self._direct_of(c, f.body)
                     self._handle(c, f.name)
                 else:
                     c.handles.discard(f.name)
-                    space.unhandle(c, f.name)
+                    if space.unhandle(c, f.name):
+                        self._reroute(space, f.name)
             except ValueError as exc:
                 if f.seq:
                     self._send(c, _framed(encode_frame("err", f.seq, "", {
@@ -533,6 +568,11 @@ class Broker:
         if h.reply_to:
             c.reply_to = h.reply_to
             self.by_reply[h.reply_to] = c
+        c.routes = h.routes
+        if h.direct:
+            if not direct_path_ok(h.direct, self.files.folder):
+                raise _Bad("bad direct request socket path")
+            c.direct = h.direct
         try:
             for p in h.patterns:
                 self._sub(c, p)
@@ -613,7 +653,29 @@ class Broker:
         hs = c.space.handlers.setdefault(name, [])
         if c not in hs:
             hs.append(c)
+            self._reroute(c.space, name)
         c.handles.add(name)
+
+    def _direct_of(self, c: _Client, body: msgspec.Raw) -> None:
+        """A ``handle`` frame's body: ``{"direct": path}`` (the bus's direct request socket)
+        or null."""
+        try:
+            h = _decode_handle(body)
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise _Bad(f"bad handle frame: {exc}") from None
+        if h is not None and h.direct and h.direct != c.direct:
+            if not direct_path_ok(h.direct, self.files.folder):
+                raise _Bad("bad direct request socket path")
+            c.direct = h.direct
+            for name in c.handles:
+                self._reroute(c.space, name)  # type: ignore[arg-type]
+
+    def _reroute(self, space: _Space, name: str) -> None:
+        """``name``'s handlers changed: withdraw its direct route from those given it (they
+        read it before their next direct request)."""
+        for h in space.withdraw(name):
+            if not h.closing:
+                self._send(h, _framed(encode_frame("route", 0, name, None)), True)
 
     def _request(self, c: _Client, space: _Space, seq: int, name: str, body: msgspec.Raw,
                  b: memoryview) -> None:
@@ -623,6 +685,14 @@ class Broker:
         c.requests_in += 1
         target = space.pick_handler(name)
         if target is not None:
+            if (c.routes and target.direct and name not in c.given
+                    and len(space.handlers[name]) == 1 and len(c.given) < _MAX_GIVEN):
+                # Its only handler has a direct socket: the requester may go there itself.
+                c.given.add(name)
+                space.holders.setdefault(name, set()).add(c)
+                self.routes_given += 1
+                self._send(c, _framed(encode_frame("route", 0, name, {
+                    "path": target.direct})), True)
             self._send(target, _u32(len(b)) + b, True)
             return
         try:
@@ -746,7 +816,15 @@ class Broker:
         if self.clients.pop(c.id, None) is None:
             return
         if c.space is not None:
-            c.space.drop(c)
+            for name in c.space.drop(c):
+                self._reroute(c.space, name)
+            if c.direct and not _unix._is_live(c.direct):
+                # Nothing listens there: its bus died and left the file (a bus that was
+                # only disconnected still listens, and keeps it).
+                try:
+                    os.unlink(c.direct)  # checked: named so, in this broker's folder
+                except OSError:
+                    pass
             if not c.space.members:
                 self.spaces.pop(c.space.name, None)
         if c.reply_to and self.by_reply.get(c.reply_to) is c:
@@ -771,7 +849,8 @@ class Broker:
             "totals": {"clients_seen": self.clients_seen, "events_in": self.events_in,
                        "deliveries": self.deliveries, "requests": self.requests_in,
                        "replies": self.replies, "replies_unroutable": self.replies_unroutable,
-                       "no_responder": self.no_responder, "dropped": self.dropped,
+                       "no_responder": self.no_responder, "routes_given": self.routes_given,
+                       "dropped": self.dropped,
                        "slow_disconnects": self.slow_disconnects,
                        "bad_clients": self.bad_clients, "refused": self.refused},
             "rates": rates,

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from .._errors import (
     ChannelClosed,
+    ConnectionClosed,
     EncodeError,
     MessageTooLarge,
     ProcwireError,
@@ -89,6 +90,10 @@ def _raise_for_reply(name: str, reply: dict[str, Any]) -> Any:
         raise ChannelClosed("the bus was closed while waiting for a reply")
     if reply.get("no_responder") is True:  # the broker's answer when nobody handles it
         raise NoResponder(name)
+    lost = reply.get("lost")
+    if lost:  # the local broker's direct path: the answering bus went away (see _direct)
+        raise ConnectionClosed(f"the bus answering {name!r} went away before it replied "
+                               f"(its handler may have run): {lost}", reason="lost")
     error = reply.get("error")
     if error is not None:
         if isinstance(error, dict):
@@ -235,6 +240,10 @@ class Bus(_BusBase):
                          events=ThreadDispatcher("procwire-bus-events"),
                          requests=ThreadDispatcher("procwire-bus-requests"))
         self._core.pattern_timeout = timeout
+        # Request handlers run one at a time: on the requests dispatcher, or on the thread of
+        # a backend's direct path (enable_inline), which then calls them itself.
+        self._serve_lock = threading.Lock()
+        self._backend.enable_inline(self._core.answer_now)
         self._backend.start(self._core, timeout)
 
     # -- events ----------------------------------------------------------------------------
@@ -350,14 +359,21 @@ class Bus(_BusBase):
         if not callable(fn) or inspect.iscoroutinefunction(fn):
             raise TypeError("a request handler is a plain callable (coroutines: procwire.aio)")
         backend, core = self._backend, self._core
+        lock = self._serve_lock
+
+        def answer(request: dict[str, Any]) -> dict[str, Any]:
+            cid = request["id"]
+            with lock:  # one handler at a time per bus, whichever thread runs it
+                try:
+                    return {"id": cid, "data": fn(request.get("data"))}
+                except Exception as exc:
+                    log.info("request handler for %r raised %r (sent back as RemoteError)",
+                             name, exc)
+                    return _error_reply(cid, exc)
 
         def serve(request: dict[str, Any]) -> None:
             cid, reply_to = request["id"], request["reply_to"]
-            try:
-                reply = {"id": cid, "data": fn(request.get("data"))}
-            except Exception as exc:
-                log.info("request handler for %r raised %r (sent back as RemoteError)", name, exc)
-                reply = _error_reply(cid, exc)
+            reply = answer(request)
             try:
                 try:
                     backend.reply(reply_to, reply, self.emit_timeout)
@@ -371,6 +387,7 @@ class Bus(_BusBase):
         sub = Subscription(core, name, maxsize=self.maxsize, policy=self.policy,
                            callback=serve, dispatcher=core.requests, kind="requests")
         sub.handler = fn
+        sub.answer = answer
         core.add_responder(name, sub)
         try:
             backend.add_responder(name, timeout)

@@ -141,6 +141,9 @@ class Subscription:
         self._once_fired = False
         self.once = False
         self.handler: Callable[..., Any] | None = None
+        #: a responder's handler as a function request -> reply, for a backend's direct path
+        #: (``BusCore.answer_now``); None: requests come only through the buffer
+        self.answer: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         # counters
         self.received = 0
         self._moved = 0  # out of _buf: handed out, or in _ready_it
@@ -646,6 +649,18 @@ class BusCore:
             self.requests_unhandled += 1
             return
         sub._put(request)
+
+    def answer_now(self, name: str, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Run ``name``'s handler on the calling thread and return its reply (a backend's
+        direct path, see ``Backend.enable_inline``); None when this bus does not answer
+        ``name`` that way (not handled, or an asyncio handler)."""
+        sub = self._responders.get(name)
+        answer = None if sub is None or sub._closed else sub.answer
+        if answer is None:
+            return None
+        reply: dict[str, Any] = answer(request)
+        self.requests_served += 1
+        return reply
 
     def on_reply(self, reply: dict[str, Any]) -> None:
         deliver = self._pending.pop(reply.get("id"), None)  # type: ignore[arg-type]

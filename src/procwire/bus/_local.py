@@ -67,6 +67,7 @@ from .._sync.channel import connect as sync_connect
 from ._backend import Backend, Sink, flush_at_exit
 from ._broker import BROKER_POLICIES, DEFAULT_IDLE, LOCK_TAKEN
 from ._core import Event
+from ._direct import DirectServer
 from ._paths import BrokerFiles, default_socket_path, wait_lock
 from ._wire import (
     VERSION,
@@ -250,6 +251,14 @@ class LocalBackend(Backend):
         self._rr_lock = threading.Lock()
         self._rr_reply_to = uuid.uuid4().hex
         self._rr_retry_at = 0.0
+        # The direct path (see _direct): as responder, our DirectServer; as requester, the
+        # routes the broker gave us (name -> socket path) and connections to those sockets.
+        self._inline: Callable[[str, dict[str, Any]], dict[str, Any] | None] | None = None
+        self._direct: DirectServer | None = None
+        self._direct_tried = False
+        self._routes: dict[str, str] = {}
+        self._peers: dict[str, Channel] = {}
+        self._peer_retry: dict[str, float] = {}  # path -> not before (it failed)
         self.broker: dict[str, Any] = {}
         self.emit_timeout = emit_timeout
         # The outbox (pipelined emit; see the module docstring): events emitted and waiting for
@@ -281,6 +290,8 @@ class LocalBackend(Backend):
         self.bad_frames = 0
         self.gaps_from_broker = 0
         self.requests_direct = 0  # sent on the requests connection (the fast path)
+        self.requests_peer = 0  # sent straight to the handling bus (the direct path)
+        self.peer_fallbacks = 0  # ... that went back through the broker instead
         self.batches_direct = 0  # emit_many batches sent there
 
     # -- connecting ------------------------------------------------------------------------
@@ -293,7 +304,9 @@ class LocalBackend(Backend):
         ch.send(encode_frame("hello", 1, self._name, {
             "pid": os.getpid(), "reply_to": self.reply_to, "channel": self.channel,
             "patterns": patterns, "handles": handles, "queue": self.queue,
-            "policy": self.policy, "version": VERSION}), timeout=timeout)
+            "policy": self.policy, "version": VERSION,
+            "direct": self._direct.path if self._direct is not None else ""}),
+            timeout=timeout)
         f: ClientFrame = ch.recv(timeout=timeout)
         if f.kind == "bye":
             raise ConnectionClosed(f"the broker refused this bus: {f.name}", reason="refused")
@@ -875,10 +888,17 @@ class LocalBackend(Backend):
         # count is never needed (-1).
         deadline = None if timeout is None else time.monotonic() + timeout
         self._drain_or_raise(timeout, "the request was not sent")
-        timeout = _left(deadline)
+        left = _left(deadline)
+        # The wait for the reply on the fast paths: the caller's own timeout unless the
+        # drain took a while (the socket's receive timeout is then set once, not per call;
+        # the caller's wait for the reply keeps the exact deadline).
+        wait = timeout if left is None or timeout - left < 0.05 else left  # type: ignore[operator]
+        timeout = left
         if self._rr_lock.acquire(blocking=False):
             try:
-                if self._request_direct(name, request, timeout):
+                if self._routes and self._request_peer(name, request, wait):
+                    return -1
+                if self._request_direct(name, request, wait):
                     return -1
             finally:
                 self._rr_lock.release()
@@ -905,6 +925,134 @@ class LocalBackend(Backend):
             pass  # like on the main connection, the caller times out (a resend could run
             # the handler twice)
         return True
+
+    def _request_peer(self, name: str, request: dict[str, Any],
+                      timeout: float | None) -> bool:
+        """The direct path (``_rr_lock`` held; see ``_direct``): the request goes straight to
+        the one bus that handles ``name``, on a connection whose reply this thread reads.
+        True: sent, and answered, timed out or lost (the caller raises); False: not sent, or
+        that bus no longer answers ``name`` (nothing ran): go through the broker."""
+        rr = self._rr
+        if rr is not None:
+            self._poll_rr(rr)  # the broker's route updates come in order on this connection
+        path = self._routes.get(name)
+        if path is None or self._closed:
+            return False
+        cid = request.get("id")
+        data = encode_frame("req", 0, name, {"id": cid, "data": request.get("data")},
+                            self._limit)  # too large, unencodable: raised as on any path
+        ch = self._peers.get(path) or self._connect_peer(path, timeout)
+        if ch is None:
+            self._forget_route(name, path)
+            return False
+        try:
+            ch.send(data, timeout=timeout)
+        except (ProcwireError, OSError):  # it closed: the request did not get there whole
+            self._drop_peer(path)
+            self._forget_route(name, path)
+            return False
+        self.requests_peer += 1
+        sink = self._sink
+        assert sink is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = timeout
+        while True:
+            try:
+                f: ClientFrame = ch.recv(wait)
+            except Timeout:
+                return True  # the caller times out; a late reply is skipped next time
+            except (ProcwireError, OSError) as exc:
+                # It went away (or sent garbage) after taking the request: the handler may
+                # have run, so it is not sent again.
+                self._drop_peer(path)
+                if self._closed:
+                    return True  # this bus closed it: the caller is told that
+                self._forget_route(name, path)
+                sink.on_reply({"id": cid, "lost": f"{type(exc).__name__}: {exc}"})
+                return True
+            body = f.body
+            if f.kind == "rep" and isinstance(body, dict):
+                if body.get("id") == cid:
+                    if body.get("moved"):  # it no longer answers name: nothing ran
+                        self._forget_route(name, path)
+                        return False
+                    sink.on_reply(body)
+                    return True
+                sink.on_reply(body)  # a late reply to an earlier request that timed out
+            else:
+                self.bad_frames += 1
+            if deadline is not None:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    return True
+
+    def _connect_peer(self, path: str, timeout: float | None) -> Channel | None:
+        if time.monotonic() < self._peer_retry.get(path, 0.0):
+            return None
+        try:
+            ch = sync_connect("unix://" + path, codec=WireCodec(),
+                              timeout=1.0 if timeout is None else min(timeout, 1.0),
+                              max_frame_size=self._limit)
+        except (ProcwireError, OSError) as exc:
+            log.debug("procwire bus: no direct connection to %s: %s", path, exc)
+            return None
+        if len(self._peers) >= 16:  # bounded: close the oldest
+            self._drop_peer(next(iter(self._peers)))
+        self._peers[path] = ch
+        return ch
+
+    def _drop_peer(self, path: str) -> None:
+        ch = self._peers.pop(path, None)
+        if ch is not None:
+            _close_quietly(ch)
+
+    def _forget_route(self, name: str, path: str) -> None:
+        """``path`` failed for ``name``: go through the broker (which may give the route
+        again; ``path`` is not tried for a while)."""
+        self.peer_fallbacks += 1
+        if self._routes.get(name) == path:
+            del self._routes[name]
+        self._peer_retry[path] = time.monotonic() + 2.0
+        if len(self._peer_retry) > 64:
+            now = time.monotonic()
+            self._peer_retry = {p: t for p, t in self._peer_retry.items() if t > now}
+
+    def _on_route(self, f: ClientFrame) -> None:
+        """The broker's ``route`` frame (on the requests connection): ``name`` is answered
+        by the bus listening at ``body["path"]`` alone, or (body null) no longer."""
+        path = f.body.get("path") if isinstance(f.body, dict) else None
+        if isinstance(path, str) and path:
+            if len(self._routes) >= 4096:
+                self._routes.clear()
+            self._routes[f.name] = path
+        else:
+            self._routes.pop(f.name, None)
+
+    def _poll_rr(self, rr: Channel) -> None:
+        """Take what already arrived on the requests connection (route updates, late
+        replies) without waiting."""
+        sink = self._sink
+        assert sink is not None
+        for _ in range(1000):
+            try:
+                f: ClientFrame = rr.recv(0)
+            except Timeout:
+                return
+            except DecodeError:
+                self.bad_frames += 1
+                continue
+            except (ProcwireError, OSError):
+                self._drop_rr(rr)
+                return
+            if f.kind == "route":
+                self._on_route(f)
+            elif f.kind == "rep" and isinstance(f.body, dict):
+                sink.on_reply(f.body)
+            elif f.kind == "bye":
+                self._drop_rr(rr)
+                return
+            else:
+                self.bad_frames += 1
 
     def _publish_direct(self, body: bytes, timeout: float | None) -> bool:
         """``emit_many``'s fast path (``_rr_lock`` held): the batch goes on the requests
@@ -971,6 +1119,8 @@ class LocalBackend(Backend):
                 sink.on_reply(f.body)
                 if match(f):
                     return f
+            elif f.kind == "route":
+                self._on_route(f)
             elif f.kind == "bye":
                 self._drop_rr(ch)
                 raise _Lost()
@@ -995,7 +1145,7 @@ class LocalBackend(Backend):
             ch.send(encode_frame("hello", 1, self._name + " requests", {
                 "pid": os.getpid(), "reply_to": self._rr_reply_to, "channel": self.channel,
                 "patterns": [], "handles": [], "queue": self.queue, "policy": self.policy,
-                "version": VERSION}), timeout=2.0)
+                "version": VERSION, "routes": True}), timeout=2.0)
             f: ClientFrame = ch.recv(timeout=2.0)
             if f.kind != "welcome":
                 raise ProtocolError(f"the broker answered hello with {f.kind!r}")
@@ -1016,6 +1166,7 @@ class LocalBackend(Backend):
         with self._lock:
             if self._rr is ch:
                 self._rr = None
+                self._routes.clear()  # a new requests connection gets them again
         _close_quietly(ch)
 
     def reply(self, reply_to: str, reply: dict[str, Any], timeout: float | None) -> None:
@@ -1024,11 +1175,32 @@ class LocalBackend(Backend):
         self._send(encode_frame("rep", 0, reply_to, reply, self._limit), _left(deadline),
                    "the reply was not sent")
 
+    def enable_inline(self, answer: Callable[[str, dict[str, Any]], dict[str, Any] | None]
+                      ) -> None:
+        self._inline = answer
+
+    def _direct_server(self) -> DirectServer | None:
+        """This bus's direct request socket, started with its first handler (blocking buses
+        only); None when it cannot listen (requests then all go through the broker)."""
+        if self._direct is None and not self._direct_tried and self._inline is not None:
+            self._direct_tried = True
+            try:
+                self._direct = DirectServer(self.files.folder, self._inline, self._limit)
+            except (ProcwireError, OSError, ValueError) as exc:
+                log.info("procwire bus: no direct request socket (requests to this bus go "
+                         "through the broker): %s", exc)
+        return self._direct
+
     def add_responder(self, name: str, timeout: float | None) -> None:
+        direct = self._direct_server()
         with self._lock:
             self._handles.add(name)
         if self._ch is not None:
-            self._call("handle", name, None, timeout)
+            self._call("handle", name, {"direct": direct.path} if direct else None, timeout)
+
+    def stop_responding(self, timeout: float | None) -> None:
+        if self._direct is not None:  # what still comes straight goes through the broker
+            self._direct.draining = True
 
     def remove_responder(self, name: str, timeout: float | None) -> None:
         with self._lock:
@@ -1083,6 +1255,8 @@ class LocalBackend(Backend):
                 "events_received": self.events_received, "bad_frames": self.bad_frames,
                 "gaps_from_broker": self.gaps_from_broker,
                 "requests_direct": self.requests_direct, "batches_direct": self.batches_direct,
+                "requests_peer": self.requests_peer, "peer_fallbacks": self.peer_fallbacks,
+                **(self._direct.stats() if self._direct is not None else {}),
                 "outbox": self._queued - self._settled, "outbox_full": self.outbox_full,
                 "emit_failed": self.emit_failed, "emit_resent": self.emit_resent}
 
@@ -1115,6 +1289,10 @@ class LocalBackend(Backend):
                 rr.close(0)
             except ProcwireError:
                 pass
+        for path in list(self._peers):
+            self._drop_peer(path)
+        if self._direct is not None:
+            self._direct.close(timeout)
         self._stop.set()
         self._up.set()  # wake anyone waiting for a reconnection: they see _closed
         if ch is not None:

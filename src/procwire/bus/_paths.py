@@ -18,9 +18,11 @@ from collections.abc import Iterator
 
 from .._errors import AddressError, InsecureError, Timeout
 
-__all__ = ["BrokerFiles", "default_socket_path", "try_lock", "wait_lock"]
+__all__ = ["DIRECT_PREFIX", "BrokerFiles", "default_socket_path", "direct_path_ok", "try_lock",
+           "wait_lock"]
 
 ENV = "PROCWIRE_BROKER"
+DIRECT_PREFIX = ".pw-rr-"  # a bus's direct request socket (see _direct), in the broker's folder
 
 
 def default_socket_path() -> str:
@@ -72,6 +74,14 @@ class BrokerFiles:
                 return int(f.read().strip() or 0) or None
         except (OSError, ValueError):
             return None
+
+
+def direct_path_ok(path: str, folder: str) -> bool:
+    """Is ``path`` a direct request socket a bus of the broker in ``folder`` would use? (The
+    broker removes such a file when its bus died: never anything else.)"""
+    return (isinstance(path, str) and 0 < len(path) <= 200 and os.path.isabs(path)
+            and os.path.dirname(path) == folder and "\0" not in path
+            and os.path.basename(path).startswith(DIRECT_PREFIX))
 
 
 def _open_lock(path: str) -> int:

@@ -1,0 +1,256 @@
+"""The local broker's direct request path (``procwire/bus/_direct.py``): a requester whose
+request name has exactly one handling bus gets that bus's socket from the broker and sends its
+next requests there itself. Real processes, a private broker (the ``brokers`` fixture)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import procwire
+from procwire.bus import AsyncBus, Bus, NoResponder, RemoteError
+
+from .test_broker import readline, wait_for
+
+RESPONDER = r"""
+import os, sys, time
+from procwire.bus import Bus
+bus = Bus()
+def echo(d):
+    if d == "slow":
+        print("handling", flush=True)
+        time.sleep(30)
+    return [os.getpid(), d]
+bus.handle("echo", echo)
+print("ready", bus._backend._direct.path, flush=True)
+sys.stdin.read()
+bus.close()
+"""
+
+
+def direct_files(brokers: Any) -> list[str]:
+    folder = os.path.dirname(brokers.path)
+    return sorted(f for f in os.listdir(folder) if f.startswith(".pw-rr-"))
+
+
+def backend(bus: Bus) -> dict[str, Any]:
+    st: dict[str, Any] = bus.stats()["backend"]
+    return st
+
+
+def test_requests_go_straight_to_the_one_handler(brokers: Any, children: Any) -> None:
+    child = children.python(RESPONDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    ready, path = readline(child).split()
+    assert ready == "ready" and os.path.basename(path).startswith(".pw-rr-")
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    with Bus() as bus:
+        assert bus.request("echo", 0, timeout=5) == [child.pid, 0]  # via the broker
+        for i in range(1, 20):
+            assert bus.request("echo", i, timeout=5) == [child.pid, i]
+        st = backend(bus)
+        assert st["requests_direct"] == 1 and st["requests_peer"] == 19
+        assert st["peer_fallbacks"] == 0
+        totals = bus._backend.broker_stats()["totals"]  # type: ignore[attr-defined]
+        assert totals["requests"] == 1 and totals["routes_given"] == 1
+        # A handler that raises, or whose reply cannot be sent, on the direct path too.
+        child2_code = RESPONDER.replace('bus.handle("echo", echo)', '''
+bus.handle("echo", echo)
+def bad(d):
+    if d == "raise":
+        raise KeyError("nope")
+    return object() if d == "obj" else "x" * 3_000_000
+bus.handle("bad", bad)''')
+        child2 = children.python(child2_code, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert readline(child2).startswith("ready")
+        with pytest.raises(RemoteError) as info:
+            bus.request("bad", "raise", timeout=5)  # via the broker: the route comes back
+        assert info.value.type == "KeyError"
+        for what, kind in [("raise", "KeyError"), ("obj", "EncodeError"),
+                           ("big", "MessageTooLarge")]:
+            with pytest.raises(RemoteError) as info:
+                bus.request("bad", what, timeout=5)
+            assert info.value.type == kind
+        assert backend(bus)["requests_peer"] == 22
+    child.stdin.close()
+    child2.stdin.close()
+    assert child.wait(10) == 0 and child2.wait(10) == 0
+    assert direct_files(brokers) == []  # each removed its socket when it closed
+
+
+def test_a_second_handler_withdraws_the_route_and_turns_resume(brokers: Any,
+                                                               children: Any) -> None:
+    """Several handlers: every request goes through the broker, in turn; one left: direct
+    again. A bus that stops handling a name answers "moved" and nothing runs twice."""
+    a = children.python(RESPONDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert readline(a).startswith("ready")
+    with Bus() as bus, Bus() as other:
+        for i in range(5):
+            bus.request("echo", i, timeout=5)
+        assert backend(bus)["requests_peer"] == 4
+        other.handle("echo", lambda d: ["other", d])
+        answers = [bus.request("echo", i, timeout=5)[0] for i in range(8)]
+        # (the withdrawal may come one request late: at most one went straight to a)
+        assert answers.count("other") >= 3 and answers.count(a.pid) >= 3
+        peer_before = backend(bus)["requests_peer"]
+        assert peer_before <= 5
+        other.unhandle("echo")
+        other._backend.broker_stats()  # type: ignore[attr-defined]  # the broker has it now
+        answers = [bus.request("echo", i, timeout=5)[0] for i in range(6)]
+        assert answers == [a.pid] * 6
+        assert backend(bus)["requests_peer"] >= peer_before + 4  # direct again
+
+        # The only handler is this process's own bus: it unhandles; requests already routed
+        # to it are answered "moved" and go through the broker (which says nobody handles it).
+        a.stdin.close()
+        assert a.wait(10) == 0
+        other.handle("echo", lambda d: ["other", d])
+        assert [bus.request("echo", i, timeout=5)[0] for i in range(4)] == ["other"] * 4
+        direct = other._backend._direct  # type: ignore[attr-defined]
+        served_before = direct.served
+        assert served_before >= 2
+        other._core.remove_responder("echo")  # the handler goes, the broker still routes
+        with pytest.raises((NoResponder, procwire.Timeout)):
+            bus.request("echo", 1, timeout=1)
+        assert direct.moved >= 1 and direct.served == served_before
+        assert backend(bus)["peer_fallbacks"] >= 1
+
+
+def test_handler_killed_mid_request_is_reported_at_once(brokers: Any, children: Any) -> None:
+    """The answering process dies while its handler runs: the requester gets
+    ConnectionClosed right away (the handler may have run: no resend), not a timeout; the
+    broker removes the dead bus's socket file; the next request finds no responder."""
+    child = children.python(RESPONDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    _, path = readline(child).split()
+    with Bus() as bus:
+        bus.request("echo", 0, timeout=5)
+        assert bus.request("echo", 1, timeout=5) == [child.pid, 1]  # direct now
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                bus.request("echo", "slow", timeout=30)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=call)
+        t.start()
+        assert readline(child) == "handling"
+        t0 = time.monotonic()
+        os.kill(child.pid, signal.SIGKILL)
+        t.join(10)
+        assert not t.is_alive() and time.monotonic() - t0 < 5
+        assert isinstance(errors[0], procwire.ConnectionClosed), errors
+        assert "may have run" in str(errors[0])
+        child.wait(10)
+        wait_for(lambda: not os.path.exists(path), what="the broker removing the socket")
+        with pytest.raises(NoResponder):
+            bus.request("echo", 2, timeout=5)
+
+
+def test_handlers_of_one_bus_never_run_at_once(brokers: Any) -> None:
+    """Requests reach a bus's handlers straight (one thread per requester) and through the
+    broker (the requests dispatcher); one handler runs at a time all the same."""
+    active = [0]
+    peak = [0]
+    lock = threading.Lock()
+
+    def handler(d: Any) -> Any:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.002)
+        with lock:
+            active[0] -= 1
+        return d
+
+    with Bus() as server:
+        server.handle("h", handler)
+        server.handle("h2", lambda d: handler(d))
+        requesters = [Bus() for _ in range(3)]
+        try:
+            def work(bus: Bus, name: str) -> None:
+                for i in range(25):
+                    assert bus.request(name, i, timeout=10) == i
+
+            threads = [threading.Thread(target=work, args=(b, n))
+                       for b in requesters for n in ("h", "h2")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads)
+        finally:
+            for b in requesters:
+                b.close()
+        st = backend(server)
+        assert peak[0] == 1
+        assert st["direct_served"] > 0  # some came straight ...
+        assert server.stats()["requests_served"] == 150  # ... all were answered once
+
+
+def test_garbage_on_the_direct_socket_closes_only_that_connection(brokers: Any) -> None:
+    with Bus() as server, Bus() as client:
+        server.handle("echo", lambda d: d)
+        path = server._backend._direct.path  # type: ignore[attr-defined]
+        client.request("echo", 0, timeout=5)
+        assert client.request("echo", 1, timeout=5) == 1  # direct
+        for junk in (b"\x00\x00\x00\x05hello",  # not JSON
+                     b"\x00\x00\x00\x0a[\"pub\",0,\"x\",1]"[:14],  # truncated, then closed
+                     struct.pack(">I", 10) + b'["pub",0,"x",1]'[:10],  # not a request
+                     struct.pack(">I", 1 << 30) + b"xx"):  # over the frame limit
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(path)
+            s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(100) == b""  # closed without an answer
+            s.close()
+        assert client.request("echo", 2, timeout=5) == 2
+        assert backend(client)["requests_peer"] == 2
+        wait_for(lambda: backend(server)["direct_connections"] == 1, what="junk conns gone")
+
+
+def test_the_broker_refuses_a_direct_path_outside_its_folder(brokers: Any) -> None:
+    from procwire.bus._local import connect_broker
+    from procwire.bus._paths import BrokerFiles
+    from procwire.bus._wire import VERSION, encode_frame
+
+    with Bus() as bus:  # starts the broker
+        ch = connect_broker(BrokerFiles(brokers.path), timeout=5, autostart=False)
+        try:
+            ch.send(encode_frame("hello", 1, "evil", {
+                "pid": os.getpid(), "channel": "procwire", "version": VERSION,
+                "direct": "/tmp/.pw-rr-elsewhere.sock"}), timeout=5)
+            f = ch.recv(timeout=5)
+            assert f.kind == "bye" and "direct" in f.name
+        finally:
+            ch.close(0)
+        st = bus._backend.broker_stats()  # type: ignore[attr-defined]
+        assert st["totals"]["bad_clients"] == 1
+
+
+def test_asyncio_buses_go_through_the_broker(brokers: Any) -> None:
+    import asyncio
+
+    async def main() -> None:
+        async with AsyncBus() as abus:
+            await abus.handle("a", lambda d: d * 2)
+            with Bus() as bus:
+                def ask() -> list[Any]:  # off the loop: the loop runs the handler
+                    return [bus.request("a", i, timeout=5) for i in range(4)]
+
+                assert await asyncio.to_thread(ask) == [0, 2, 4, 6]
+                assert backend(bus)["requests_peer"] == 0  # an asyncio bus has no socket
+                bus.handle("b", lambda d: d + 1)
+                assert [await abus.request("b", i, timeout=5) for i in range(4)] == [1, 2, 3, 4]
+            assert abus.stats()["backend"]["requests_peer"] == 0
+
+    asyncio.run(main())
