@@ -218,23 +218,141 @@ def test_garbage_on_the_direct_socket_closes_only_that_connection(brokers: Any) 
         wait_for(lambda: backend(server)["direct_connections"] == 1, what="junk conns gone")
 
 
-def test_the_broker_refuses_a_direct_path_outside_its_folder(brokers: Any) -> None:
+def test_the_broker_ignores_a_direct_path_outside_its_folder(brokers: Any) -> None:
+    """A direct socket path elsewhere is not taken (no route to it; never removed), and the
+    bus that named it keeps working through the broker."""
     from procwire.bus._local import connect_broker
     from procwire.bus._paths import BrokerFiles
     from procwire.bus._wire import VERSION, encode_frame
 
+    elsewhere = os.path.join(os.path.dirname(brokers.path) + "-x", ".pw-rr-1-aa.sock")
     with Bus() as bus:  # starts the broker
         ch = connect_broker(BrokerFiles(brokers.path), timeout=5, autostart=False)
         try:
-            ch.send(encode_frame("hello", 1, "evil", {
+            ch.send(encode_frame("hello", 1, "odd", {
                 "pid": os.getpid(), "channel": "procwire", "version": VERSION,
-                "direct": "/tmp/.pw-rr-elsewhere.sock"}), timeout=5)
+                "reply_to": "odd", "direct": elsewhere, "handles": ["odd"]}), timeout=5)
+            assert ch.recv(timeout=5).kind == "welcome"
+            with pytest.raises(procwire.Timeout):  # it got the request (and never answers)
+                bus.request("odd", 1, timeout=0.5)
             f = ch.recv(timeout=5)
-            assert f.kind == "bye" and "direct" in f.name
+            assert f.kind == "req" and f.name == "odd"
         finally:
             ch.close(0)
-        st = bus._backend.broker_stats()  # type: ignore[attr-defined]
-        assert st["totals"]["bad_clients"] == 1
+        totals = bus._backend.broker_stats()["totals"]  # type: ignore[attr-defined]
+        assert totals["bad_direct"] == 1 and totals["routes_given"] == 0
+        assert totals["bad_clients"] == 0
+
+
+def test_a_bus_reaching_the_broker_through_a_symlink(brokers: Any) -> None:
+    folder = os.path.dirname(brokers.path)
+    link = folder + "-ln"
+    os.symlink(folder, link)
+    try:
+        with Bus() as bus, Bus("broker://" + os.path.join(link, "b.sock")) as other:
+            other.handle("via", lambda d: d)
+            assert [bus.request("via", i, timeout=5) for i in range(3)] == [0, 1, 2]
+            assert backend(bus)["requests_peer"] == 2
+            totals = bus._backend.broker_stats()["totals"]  # type: ignore[attr-defined]
+            assert totals["bad_direct"] == 0
+    finally:
+        os.unlink(link)
+
+
+def test_more_requesters_than_connections(brokers: Any,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_CONNECTIONS requesters, the answering bus says "moved" (nothing ran) and the
+    request goes through the broker: every request answered once, no error."""
+    import procwire.bus._direct as direct_mod
+
+    monkeypatch.setattr(direct_mod, "MAX_CONNECTIONS", 2)
+    runs = []
+    with Bus() as server:
+        server.handle("n", lambda d: runs.append(d) or d)
+        buses = [Bus() for _ in range(4)]
+        try:
+            for rnd in range(4):
+                for k, b in enumerate(buses):
+                    assert b.request("n", [rnd, k], timeout=5) == [rnd, k]
+            assert sum(backend(b)["requests_peer"] for b in buses) >= 6
+            assert backend(server)["direct_refused"] >= 1
+            assert backend(server)["direct_connections"] <= 2
+        finally:
+            for b in buses:
+                b.close()
+    assert sorted(runs) == sorted([rnd, k] for rnd in range(4) for k in range(4))
+
+
+def test_close_lets_a_direct_request_finish(brokers: Any) -> None:
+    got: list[Any] = []
+    started = threading.Event()
+
+    def slow(d: Any) -> Any:
+        started.set()
+        time.sleep(0.4)
+        return d
+
+    server = Bus()
+    server.handle("slow", slow)
+    with Bus() as client:
+        client.request("slow", 0, timeout=5)
+        started.clear()
+        t = threading.Thread(target=lambda: got.append(client.request("slow", 1, timeout=5)))
+        t.start()
+        assert started.wait(5)
+        assert backend(client)["requests_peer"] == 1
+        server.close()
+        t.join(5)
+        assert got == [1]
+    assert direct_files(brokers) == []
+
+
+def test_replies_as_large_as_through_the_broker(brokers: Any) -> None:
+    """The direct path takes the frames a broker connection takes (a requester's own
+    max_message_size limits what it sends, not what it gets)."""
+    with Bus() as server, Bus(max_message_size=64 << 10) as client:
+        server.handle("big", lambda n: "x" * n)
+        for _ in range(3):
+            assert len(client.request("big", 500_000, timeout=10)) == 500_000
+        assert backend(client)["requests_peer"] == 2
+
+
+def test_the_broker_removes_sockets_of_buses_that_died_while_it_was_down(brokers: Any) -> None:
+    folder = os.path.dirname(brokers.path)
+    stale = os.path.join(folder, ".pw-rr-1-dead.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(stale)
+    s.listen(1)
+    s.close()  # the file stays, nothing listens
+    plain = os.path.join(folder, ".pw-rr-not-a-socket")
+    with open(plain, "w"):
+        pass
+    with Bus() as bus:  # starts a broker: it sweeps
+        bus.handle("x", lambda d: d)
+        wait_for(lambda: not os.path.exists(stale), what="the stale socket removed")
+        assert os.path.exists(plain)  # not a socket: left alone
+        assert len(direct_files(brokers)) == 2  # the plain file and bus's own socket
+
+
+def test_no_direct_path_in_a_folder_others_may_write(children: Any) -> None:
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="pwsh-")
+    os.chmod(folder, 0o1777)  # like /tmp
+    url = "broker://" + os.path.join(folder, "b.sock")
+    try:
+        with Bus(url) as server, Bus(url) as client:
+            server.handle("e", lambda d: d)
+            assert [client.request("e", i, timeout=5) for i in range(3)] == [0, 1, 2]
+            assert server._backend._direct is None  # type: ignore[attr-defined]
+            assert backend(client)["requests_peer"] == 0
+            pid = client._backend.broker["broker_pid"]  # type: ignore[attr-defined]
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not os.path.exists(os.path.join(folder, "b.sock")))
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_asyncio_buses_go_through_the_broker(brokers: Any) -> None:

@@ -38,6 +38,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import struct
 import sys
 import time
@@ -52,7 +53,7 @@ from .._url import Address
 from ..protocol.framing import FrameDecoder
 from ..transports import unix as _unix
 from ..transports.base import TransportOptions
-from ._paths import BrokerFiles, default_socket_path, direct_path_ok, try_lock
+from ._paths import DIRECT_PREFIX, BrokerFiles, default_socket_path, direct_path_ok, try_lock
 from ._patterns import MAX_NAME, RESERVED_PREFIX, Matcher
 from ._wire import VERSION, decode_broker_frame, encode_frame
 
@@ -318,6 +319,8 @@ class Broker:
         self.replies_unroutable = 0
         self.no_responder = 0
         self.routes_given = 0
+        self.bad_direct = 0
+        self.folder_real = os.path.realpath(self.files.folder)
         self.dropped = 0
         self.slow_disconnects = 0
         self.bad_clients = 0
@@ -342,6 +345,7 @@ class Broker:
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
         os.replace(self.files.pid + ".tmp", self.files.pid)
+        self._sweep_direct()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stop.set)
@@ -368,6 +372,28 @@ class Broker:
                 with contextlib.suppress(OSError):
                     os.unlink(self.files.pid)
             log.info("procwire broker %d stopped", os.getpid())
+
+    def _sweep_direct(self) -> None:
+        """Remove the direct request sockets of buses that died while no broker ran (nothing
+        listens on them)."""
+        try:
+            names = [n for n in os.listdir(self.files.folder) if n.startswith(DIRECT_PREFIX)]
+        except OSError:
+            return
+        if not names:
+            return
+        listening = _unix._listening_paths()
+        if listening is not None:  # as each bus spelled it: compare real paths
+            listening = {os.path.realpath(p) for p in listening
+                         if os.path.basename(p).startswith(DIRECT_PREFIX)}
+        for n in names:
+            path = os.path.join(self.files.folder, n)
+            with contextlib.suppress(OSError):
+                if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                    continue
+                if (os.path.realpath(path) not in listening if listening is not None
+                        else not _unix._is_live(path)):
+                    os.unlink(path)
 
     def stop(self) -> None:
         if self._stop is not None:
@@ -570,9 +596,7 @@ class Broker:
             self.by_reply[h.reply_to] = c
         c.routes = h.routes
         if h.direct:
-            if not direct_path_ok(h.direct, self.files.folder):
-                raise _Bad("bad direct request socket path")
-            c.direct = h.direct
+            self._set_direct(c, h.direct)
         try:
             for p in h.patterns:
                 self._sub(c, p)
@@ -663,12 +687,21 @@ class Broker:
             h = _decode_handle(body)
         except (msgspec.DecodeError, ValueError) as exc:
             raise _Bad(f"bad handle frame: {exc}") from None
-        if h is not None and h.direct and h.direct != c.direct:
-            if not direct_path_ok(h.direct, self.files.folder):
-                raise _Bad("bad direct request socket path")
-            c.direct = h.direct
+        if h is not None and h.direct and h.direct != c.direct and self._set_direct(c, h.direct):
             for name in c.handles:
                 self._reroute(c.space, name)  # type: ignore[arg-type]
+
+    def _set_direct(self, c: _Client, path: str) -> bool:
+        """Take ``path`` as ``c``'s direct request socket if it is one in this broker's
+        folder (however the client spells that folder); otherwise ignore it (its requests
+        come through here, as ever)."""
+        if direct_path_ok(path, self.folder_real, real=True):
+            c.direct = path
+            return True
+        self.bad_direct += 1
+        log.info("client %d (pid %d): direct request socket %r is not in %s; ignored",
+                 c.id, c.pid, path[:200], self.files.folder)
+        return False
 
     def _reroute(self, space: _Space, name: str) -> None:
         """``name``'s handlers changed: withdraw its direct route from those given it (they
@@ -685,9 +718,11 @@ class Broker:
         c.requests_in += 1
         target = space.pick_handler(name)
         if target is not None:
-            if (c.routes and target.direct and name not in c.given
-                    and len(space.handlers[name]) == 1 and len(c.given) < _MAX_GIVEN):
-                # Its only handler has a direct socket: the requester may go there itself.
+            if (c.routes and target.direct and len(space.handlers[name]) == 1
+                    and (name in c.given or len(c.given) < _MAX_GIVEN)):
+                # Its only handler has a direct socket: the requester may go there itself
+                # (again, with each request that still comes here: it may have given up on
+                # the socket for a while).
                 c.given.add(name)
                 space.holders.setdefault(name, set()).add(c)
                 self.routes_given += 1
@@ -850,6 +885,7 @@ class Broker:
                        "deliveries": self.deliveries, "requests": self.requests_in,
                        "replies": self.replies, "replies_unroutable": self.replies_unroutable,
                        "no_responder": self.no_responder, "routes_given": self.routes_given,
+                       "bad_direct": self.bad_direct,
                        "dropped": self.dropped,
                        "slow_disconnects": self.slow_disconnects,
                        "bad_clients": self.bad_clients, "refused": self.refused},

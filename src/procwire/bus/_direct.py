@@ -11,16 +11,23 @@ withdraws the route, and the requester goes back through the broker.
 
 Frames are the broker's (``_wire``): ``["req", 0, name, {"id", "data"}]`` in,
 ``["rep", 0, "", {"id", "data" | "error"}]`` out, or ``{"id", "moved": true}`` when this bus
-does not answer ``name`` (any more): nothing ran, and the requester goes through the broker.
+does not answer ``name`` (any more), is closing, or serves ``MAX_CONNECTIONS`` requesters
+already: nothing ran, and the requester goes through the broker.
+
+Only in a folder that is this user's alone (a shared sticky folder such as ``/tmp`` holding the
+broker's socket: no direct path), so that a route cannot lead to another user's socket.
 
 This module is the handling side (``DirectServer``); the requesting side is in ``_local``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -35,26 +42,41 @@ __all__ = ["DirectServer"]
 
 log = logging.getLogger("procwire.bus")
 
-MAX_CONNECTIONS = 32  # requesters served straight at once; more are refused (they use the broker)
+MAX_CONNECTIONS = 32  # requesters served straight at once; more are told "moved"
+MAX_FRAME = 1 << 26  # the frame ceiling of a broker connection: the same on this path
 _ACCEPT_SLICE = 0.5  # the accept thread's wait between checks for close
+_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 # (name, request) -> the reply, or None when this bus does not answer name (now).
 Answer = Callable[[str, dict[str, Any]], "dict[str, Any] | None"]
 
 
+def private_folder(folder: str) -> bool:
+    """Is ``folder`` this user's and closed to others (no group/other write)?"""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
 class DirectServer:
     """Serves requests for the names a bus handles, one thread per requester connection."""
 
     def __init__(self, folder: str, answer: Answer, limit: int) -> None:
+        if not private_folder(folder):
+            raise ValueError(f"{folder} is not this user's alone")
         self.path = os.path.join(folder, f"{DIRECT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
                                  ".sock")
         if len(os.fsencode(self.path)) > 104:
             raise ValueError(f"{self.path!r} is too long for a UNIX socket")
         self._answer = answer
         self._limit = limit
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._conns: set[Channel] = set()
+        self._threads: set[threading.Thread] = set()
+        self._busy = 0  # requests being answered now
         self._closed = False
         self.draining = False  # closing: every request is answered "moved"
         self._pid = os.getpid()
@@ -62,95 +84,139 @@ class DirectServer:
         self.moved = 0
         self.refused = 0
         self._listener: Listener = sync_listen("unix://" + self.path, codec=WireCodec(),
-                                               max_frame_size=limit)
+                                               max_frame_size=MAX_FRAME)
         self._thread = threading.Thread(target=self._accept_loop, daemon=True,
                                         name="procwire-bus-direct")
         self._thread.start()
 
     def _accept_loop(self) -> None:
+        pause = 0.05
         while not self._closed:
             try:
                 ch = self._listener.accept(timeout=_ACCEPT_SLICE)
             except Timeout:
                 continue
-            except (ProcwireError, OSError):
+            except OSError as exc:
                 if self._closed:
                     return
-                log.warning("procwire bus: the direct request socket failed; requests go "
-                            "through the broker", exc_info=True)
+                if exc.errno in _TRANSIENT:  # out of descriptors or memory: try again soon
+                    log.warning("procwire bus: the direct request socket cannot accept: %s; "
+                                "retrying", exc)
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                    continue
+                log.error("procwire bus: the direct request socket failed: %s", exc)
                 return
-            with self._lock:
-                full = len(self._conns) >= MAX_CONNECTIONS
-                if not full and not self._closed:
+            except ProcwireError as exc:
+                if self._closed:
+                    return
+                log.error("procwire bus: the direct request socket failed: %s", exc)
+                return
+            pause = 0.05
+            with self._cond:
+                full = len(self._conns) >= MAX_CONNECTIONS or self._closed
+                if not full:
                     self._conns.add(ch)
-            if full or self._closed:
-                self.refused += 1
+            t = threading.Thread(target=self._serve, args=(ch, full), daemon=True,
+                                 name="procwire-bus-direct-conn")
+            try:
+                t.start()
+            except RuntimeError as exc:  # no more threads
+                log.warning("procwire bus: no thread for a direct request connection: %s", exc)
+                with self._cond:
+                    self._conns.discard(ch)
                 _close(ch)
                 continue
-            threading.Thread(target=self._serve, args=(ch,), daemon=True,
-                             name="procwire-bus-direct-conn").start()
+            with self._cond:
+                self._threads.add(t)
 
-    def _serve(self, ch: Channel) -> None:
+    def _serve(self, ch: Channel, full: bool) -> None:
         """One requester: read a request, run the handler here, write its reply; until the
-        requester closes (or this server does)."""
+        requester closes (or this server does). ``full``: answer its first request "moved"
+        (it goes through the broker) and close."""
         try:
             while not self._closed:
                 try:
-                    f: ClientFrame = ch.recv()
+                    f: ClientFrame = ch.recv(5.0 if full else None)
                 except ProcwireError as exc:
                     if type(exc).__name__ == "DecodeError":
                         log.warning("procwire bus: a bad frame on a direct request "
                                     "connection: %s; closing it", exc)
-                    return  # closed, broken or garbage: the requester falls back
+                    return  # closed, broken, garbage or silent: the requester falls back
                 body = f.body
                 if f.kind != "req" or not isinstance(body, dict) or "id" not in body:
                     log.warning("procwire bus: a direct request connection sent %r; closing "
                                 "it", f.kind)
                     return
                 cid = body["id"]
-                reply = None if self.draining else self._answer(f.name, body)
-                if reply is None:
-                    self.moved += 1
-                    reply = {"id": cid, "moved": True}
-                else:
-                    self.served += 1
+                with self._cond:
+                    go = not (full or self.draining or self._closed)
+                    if go:
+                        self._busy += 1
                 try:
-                    data = encode_frame("rep", 0, "", reply, self._limit)
-                except (EncodeError, MessageTooLarge) as exc:
-                    data = encode_frame("rep", 0, "", {"id": cid, "error": {
-                        "type": type(exc).__name__, "message": str(exc)}}, self._limit)
-                ch.send(data, timeout=10.0)
+                    reply = self._answer(f.name, body) if go else None
+                    if reply is None:
+                        self.moved += 1
+                        reply = {"id": cid, "moved": True}
+                    else:
+                        self.served += 1
+                    try:
+                        data = encode_frame("rep", 0, "", reply, self._limit)
+                    except (EncodeError, MessageTooLarge) as exc:
+                        data = encode_frame("rep", 0, "", {"id": cid, "error": {
+                            "type": type(exc).__name__, "message": str(exc)}}, self._limit)
+                    ch.send(data, timeout=10.0)
+                finally:
+                    if go:
+                        with self._cond:
+                            self._busy -= 1
+                            self._cond.notify_all()
+                if full:
+                    self.refused += 1
+                    return
         except (ProcwireError, OSError) as exc:
             log.debug("procwire bus: a direct request connection ended: %s", exc)
         finally:
-            with self._lock:
+            with self._cond:
                 self._conns.discard(ch)
+                self._threads.discard(threading.current_thread())
             _close(ch)
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
+        with self._cond:
             n = len(self._conns)
         return {"direct_connections": n, "direct_served": self.served,
                 "direct_moved": self.moved, "direct_refused": self.refused}
 
     def close(self, timeout: float | None) -> None:
-        """Stop accepting, close every connection (a requester waiting on one falls back or
-        is told its responder went away), remove the socket file."""
+        """Answer "moved" from now on, let the requests being answered finish (up to 1 s, or
+        ``timeout``), then close every connection and remove the socket file."""
         if self._closed:
             return
-        self._closed = True
+        self.draining = True
         if self._pid != os.getpid():
+            self._closed = True
             return  # a forked child: the socket and threads are the parent's
+        end = time.monotonic() + (1.0 if timeout is None else min(timeout, 1.0))
+        with self._cond:
+            while self._busy:
+                left = end - time.monotonic()
+                if left <= 0 or threading.current_thread() in self._threads:
+                    break  # (a handler closing its own bus cannot wait for itself)
+                self._cond.wait(left)
+            self._closed = True
+            conns = list(self._conns)
+            threads = list(self._threads)
         try:
             self._listener.close()
         except (ProcwireError, OSError):
             pass
-        with self._lock:
-            conns = list(self._conns)
         for ch in conns:
             _close(ch)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        end = time.monotonic() + (1.0 if timeout is None else min(timeout, 1.0))
+        for t in [self._thread, *threads]:
+            if t is not threading.current_thread():
+                t.join(max(0.0, end - time.monotonic()))
 
 
 def _close(ch: Channel) -> None:

@@ -67,7 +67,7 @@ from .._sync.channel import connect as sync_connect
 from ._backend import Backend, Sink, flush_at_exit
 from ._broker import BROKER_POLICIES, DEFAULT_IDLE, LOCK_TAKEN
 from ._core import Event
-from ._direct import DirectServer
+from ._direct import MAX_FRAME, DirectServer
 from ._paths import BrokerFiles, default_socket_path, wait_lock
 from ._wire import (
     VERSION,
@@ -185,6 +185,16 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+def _wait(timeout: float | None, deadline: float | None) -> float | None:
+    """A fast path's wait for its reply: ``timeout`` itself while little of it has gone (the
+    socket's receive timeout is then set once, not at every call; the caller's own wait for
+    the reply keeps the exact deadline), else what is left of it."""
+    if deadline is None or timeout is None:
+        return None
+    left = max(0.0, deadline - time.monotonic())
+    return timeout if timeout - left < 0.05 else left
+
+
 def _bool(value: str) -> bool:
     return value.strip().lower() not in ("0", "no", "false", "off", "")
 
@@ -256,6 +266,7 @@ class LocalBackend(Backend):
         self._inline: Callable[[str, dict[str, Any]], dict[str, Any] | None] | None = None
         self._direct: DirectServer | None = None
         self._direct_tried = False
+        self._direct_lock = threading.Lock()
         self._routes: dict[str, str] = {}
         self._peers: dict[str, Channel] = {}
         self._peer_retry: dict[str, float] = {}  # path -> not before (it failed)
@@ -888,20 +899,15 @@ class LocalBackend(Backend):
         # count is never needed (-1).
         deadline = None if timeout is None else time.monotonic() + timeout
         self._drain_or_raise(timeout, "the request was not sent")
-        left = _left(deadline)
-        # The wait for the reply on the fast paths: the caller's own timeout unless the
-        # drain took a while (the socket's receive timeout is then set once, not per call;
-        # the caller's wait for the reply keeps the exact deadline).
-        wait = timeout if left is None or timeout - left < 0.05 else left  # type: ignore[operator]
-        timeout = left
         if self._rr_lock.acquire(blocking=False):
             try:
-                if self._routes and self._request_peer(name, request, wait):
+                if self._routes and self._request_peer(name, request, timeout, deadline):
                     return -1
-                if self._request_direct(name, request, wait):
+                if self._request_direct(name, request, _wait(timeout, deadline)):
                     return -1
             finally:
                 self._rr_lock.release()
+        timeout = _left(deadline)
         data = encode_frame("req", 0, name, request, self._limit)
         self._send(data, timeout, "the request was not sent")
         return -1
@@ -926,8 +932,8 @@ class LocalBackend(Backend):
             # the handler twice)
         return True
 
-    def _request_peer(self, name: str, request: dict[str, Any],
-                      timeout: float | None) -> bool:
+    def _request_peer(self, name: str, request: dict[str, Any], timeout: float | None,
+                      deadline: float | None) -> bool:
         """The direct path (``_rr_lock`` held; see ``_direct``): the request goes straight to
         the one bus that handles ``name``, on a connection whose reply this thread reads.
         True: sent, and answered, timed out or lost (the caller raises); False: not sent, or
@@ -941,12 +947,12 @@ class LocalBackend(Backend):
         cid = request.get("id")
         data = encode_frame("req", 0, name, {"id": cid, "data": request.get("data")},
                             self._limit)  # too large, unencodable: raised as on any path
-        ch = self._peers.get(path) or self._connect_peer(path, timeout)
+        ch = self._peers.get(path) or self._connect_peer(path, _left(deadline))
         if ch is None:
             self._forget_route(name, path)
             return False
         try:
-            ch.send(data, timeout=timeout)
+            ch.send(data, timeout=_left(deadline))
         except (ProcwireError, OSError):  # it closed: the request did not get there whole
             self._drop_peer(path)
             self._forget_route(name, path)
@@ -954,8 +960,7 @@ class LocalBackend(Backend):
         self.requests_peer += 1
         sink = self._sink
         assert sink is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        wait = timeout
+        wait = _wait(timeout, deadline)
         while True:
             try:
                 f: ClientFrame = ch.recv(wait)
@@ -992,14 +997,18 @@ class LocalBackend(Backend):
         try:
             ch = sync_connect("unix://" + path, codec=WireCodec(),
                               timeout=1.0 if timeout is None else min(timeout, 1.0),
-                              max_frame_size=self._limit)
+                              max_frame_size=MAX_FRAME)
         except (ProcwireError, OSError) as exc:
             log.debug("procwire bus: no direct connection to %s: %s", path, exc)
             return None
-        if len(self._peers) >= 16:  # bounded: close the oldest
-            self._drop_peer(next(iter(self._peers)))
-        self._peers[path] = ch
-        return ch
+        with self._lock:
+            if not self._closed:
+                if len(self._peers) >= 16:  # bounded: close the oldest
+                    self._drop_peer(next(iter(self._peers)))
+                self._peers[path] = ch
+                return ch
+        _close_quietly(ch)  # closed meanwhile
+        return None
 
     def _drop_peer(self, path: str) -> None:
         ch = self._peers.pop(path, None)
@@ -1007,8 +1016,8 @@ class LocalBackend(Backend):
             _close_quietly(ch)
 
     def _forget_route(self, name: str, path: str) -> None:
-        """``path`` failed for ``name``: go through the broker (which may give the route
-        again; ``path`` is not tried for a while)."""
+        """``path`` failed for ``name``: go through the broker (which gives the route again
+        with each request it carries; ``path`` is not tried for 2 s)."""
         self.peer_fallbacks += 1
         if self._routes.get(name) == path:
             del self._routes[name]
@@ -1025,8 +1034,10 @@ class LocalBackend(Backend):
             if len(self._routes) >= 4096:
                 self._routes.clear()
             self._routes[f.name] = path
-        else:
-            self._routes.pop(f.name, None)
+            return
+        old = self._routes.pop(f.name, None)
+        if old is not None and old in self._peers and old not in self._routes.values():
+            self._drop_peer(old)  # no route leads there now: free its slot at that bus
 
     def _poll_rr(self, rr: Channel) -> None:
         """Take what already arrived on the requests connection (route updates, late
@@ -1182,13 +1193,14 @@ class LocalBackend(Backend):
     def _direct_server(self) -> DirectServer | None:
         """This bus's direct request socket, started with its first handler (blocking buses
         only); None when it cannot listen (requests then all go through the broker)."""
-        if self._direct is None and not self._direct_tried and self._inline is not None:
-            self._direct_tried = True
-            try:
-                self._direct = DirectServer(self.files.folder, self._inline, self._limit)
-            except (ProcwireError, OSError, ValueError) as exc:
-                log.info("procwire bus: no direct request socket (requests to this bus go "
-                         "through the broker): %s", exc)
+        with self._direct_lock:
+            if self._direct is None and not self._direct_tried and self._inline is not None:
+                self._direct_tried = True
+                try:
+                    self._direct = DirectServer(self.files.folder, self._inline, self._limit)
+                except (ProcwireError, OSError, ValueError) as exc:
+                    log.info("procwire bus: no direct request socket (requests to this bus "
+                             "go through the broker): %s", exc)
         return self._direct
 
     def add_responder(self, name: str, timeout: float | None) -> None:

@@ -76,12 +76,16 @@ class BrokerFiles:
             return None
 
 
-def direct_path_ok(path: str, folder: str) -> bool:
+def direct_path_ok(path: str, folder: str, *, real: bool = False) -> bool:
     """Is ``path`` a direct request socket a bus of the broker in ``folder`` would use? (The
-    broker removes such a file when its bus died: never anything else.)"""
-    return (isinstance(path, str) and 0 < len(path) <= 200 and os.path.isabs(path)
-            and os.path.dirname(path) == folder and "\0" not in path
-            and os.path.basename(path).startswith(DIRECT_PREFIX))
+    broker removes such a file when its bus died: never anything else.) ``real``: ``folder``
+    is a ``realpath`` and ``path``'s folder is compared as one (a bus may reach the broker
+    through a symlink)."""
+    if not (isinstance(path, str) and 0 < len(path) <= 200 and os.path.isabs(path)
+            and "\0" not in path and os.path.basename(path).startswith(DIRECT_PREFIX)):
+        return False
+    where = os.path.dirname(path)
+    return (os.path.realpath(where) if real else where) == folder
 
 
 def _open_lock(path: str) -> int:
