@@ -372,3 +372,34 @@ def test_asyncio_buses_go_through_the_broker(brokers: Any) -> None:
             assert abus.stats()["backend"]["requests_peer"] == 0
 
     asyncio.run(main())
+
+
+def test_broker_killed_while_requests_go_straight(brokers: Any, children: Any) -> None:
+    """SIGKILL the broker: the requester's next request goes through the new broker (started
+    by a bus reconnecting), which learns the handling bus's socket again from its hello and
+    gives the route back; the new broker's sweep leaves that live socket alone."""
+    child = children.python(RESPONDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    _, path = readline(child).split()
+    with Bus() as bus:
+        for i in range(3):
+            assert bus.request("echo", i, timeout=5) == [child.pid, i]
+        old = brokers.pid()
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: brokers.pid() not in (None, old), timeout=20, what="a new broker")
+        deadline = time.monotonic() + 20
+        while True:  # until the responder has registered again with the new broker
+            try:
+                assert bus.request("echo", "x", timeout=2) == [child.pid, "x"]
+                break
+            except (NoResponder, procwire.Timeout, procwire.ConnectionClosed):
+                assert time.monotonic() < deadline, "no answer through the new broker"
+                time.sleep(0.05)
+        before = backend(bus)["requests_peer"]
+        for i in range(3):
+            assert bus.request("echo", i, timeout=5) == [child.pid, i]
+        assert backend(bus)["requests_peer"] >= before + 2  # straight again
+        assert os.path.exists(path)
+    child.stdin.close()
+    assert child.wait(10) == 0
+    assert not os.path.exists(path)

@@ -373,6 +373,19 @@ class Broker:
                     os.unlink(self.files.pid)
             log.info("procwire broker %d stopped", os.getpid())
 
+    def _remove_dead_direct(self, path: str, again: bool) -> None:
+        """A bus with the direct socket ``path`` left: remove the file if nothing listens on it
+        (its bus died; one that was only disconnected still listens and keeps it). A dying
+        process may close its broker connection a moment before its listening socket: look
+        again after a while."""
+        if any(c.direct == path for c in self.clients.values()):
+            return  # it came back meanwhile
+        if not _unix._is_live(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # checked when taken: named so, in this broker's folder
+        elif again and self._loop is not None:
+            self._loop.call_later(1.0, self._remove_dead_direct, path, False)
+
     def _sweep_direct(self) -> None:
         """Remove the direct request sockets of buses that died while no broker ran (nothing
         listens on them)."""
@@ -853,13 +866,8 @@ class Broker:
         if c.space is not None:
             for name in c.space.drop(c):
                 self._reroute(c.space, name)
-            if c.direct and not _unix._is_live(c.direct):
-                # Nothing listens there: its bus died and left the file (a bus that was
-                # only disconnected still listens, and keeps it).
-                try:
-                    os.unlink(c.direct)  # checked: named so, in this broker's folder
-                except OSError:
-                    pass
+            if c.direct:
+                self._remove_dead_direct(c.direct, again=True)
             if not c.space.members:
                 self.spaces.pop(c.space.name, None)
         if c.reply_to and self.by_reply.get(c.reply_to) is c:
