@@ -403,3 +403,134 @@ def test_broker_killed_while_requests_go_straight(brokers: Any, children: Any) -
     child.stdin.close()
     assert child.wait(10) == 0
     assert not os.path.exists(path)
+
+
+def test_accept_thread_failure_sends_requests_through_the_broker(brokers: Any) -> None:
+    """The direct socket breaks for good (here: its listening socket closed under it): the
+    socket file goes, and requests go through the broker, answered, not into a backlog."""
+    with Bus() as server, Bus() as client:
+        server.handle("e", lambda d: d)
+        direct = server._backend._direct  # type: ignore[attr-defined]
+        client.request("e", 0, timeout=5)
+        assert client.request("e", 1, timeout=5) == 1
+        client._backend._drop_peer(direct.path)  # type: ignore[attr-defined]
+        direct._listener._backend._sock.close()  # accept() now fails with EBADF
+        wait_for(lambda: not direct._thread.is_alive(), what="the accept thread ending")
+        assert not os.path.exists(direct.path)
+        t0 = time.monotonic()
+        assert [client.request("e", i, timeout=5) for i in range(5)] == list(range(5))
+        assert time.monotonic() - t0 < 4
+
+
+def test_a_handler_that_closes_its_own_bus(brokers: Any) -> None:
+    """A handler (on the direct path) closes its bus with timeout=None while a request that
+    came through the broker waits for the handler lock: no deadlock; the handler's own
+    requester gets its reply."""
+    server = Bus()
+    entered = threading.Event()
+
+    def shutdown(d: Any) -> Any:
+        if d == "warm":
+            return "ok"
+        entered.set()
+        time.sleep(0.3)  # the other request arrives and waits for the handler lock
+        server.close(timeout=None)
+        return "bye"
+
+    server.handle("shutdown", shutdown)
+    server.handle("other", lambda d: d)
+    results: dict[str, Any] = {}
+    with Bus() as a, Bus(brokers.url(direct=0)) as b:
+        assert a.request("shutdown", "warm", timeout=5) == "ok"  # a gets the route
+
+        def ask_b() -> None:
+            assert entered.wait(5)
+            try:
+                results["b"] = b.request("other", 2, timeout=3)
+            except Exception as exc:
+                results["b"] = exc
+
+        tb = threading.Thread(target=ask_b)
+        tb.start()
+        t0 = time.monotonic()
+        results["a"] = a.request("shutdown", None, timeout=10)
+        assert results["a"] == "bye" and time.monotonic() - t0 < 8
+        tb.join(15)
+        assert not tb.is_alive()  # (b's request reached a closing bus: answered or not,
+        assert "b" in results     # it ends within its timeout)
+        assert backend(a)["requests_peer"] == 1 and backend(b)["requests_peer"] == 0
+    assert server.closed
+
+
+def test_closing_the_answering_bus_under_load(brokers: Any) -> None:
+    """Requesters keep asking while the answering bus closes: every request is answered or
+    gets NoResponder; none is reported lost (nothing that did not run is called
+    ConnectionClosed) and none times out."""
+    server = Bus()
+    server.handle("w", lambda d: d)
+    clients = [Bus() for _ in range(3)]
+    errors: list[BaseException] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def work(bus: Bus) -> None:
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                bus.request("w", 1, timeout=3)
+                answered[0] += 1
+            except NoResponder:
+                time.sleep(0.005)
+            except Exception as exc:
+                errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=work, args=(b,)) for b in clients]
+        for t in threads:
+            t.start()
+        wait_for(lambda: answered[0] > 100, what="requests flowing")
+        server.close()
+        time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join(20)
+        assert not errors, errors[:3]
+        assert sum(backend(b)["requests_peer"] for b in clients) > 50
+    finally:
+        stop.set()
+        for b in clients:
+            b.close()
+
+
+def test_direct_0_keeps_handlers_on_the_dispatcher_thread(brokers: Any) -> None:
+    threads: set[str] = set()
+
+    def h(d: Any) -> Any:
+        threads.add(threading.current_thread().name)
+        return d
+
+    with Bus(brokers.url(direct=0)) as server, Bus() as c1, Bus() as c2:
+        server.handle("h", h)
+        assert server._backend._direct is None  # type: ignore[attr-defined]
+        for i in range(4):
+            assert c1.request("h", i, timeout=5) == i and c2.request("h", i, timeout=5) == i
+        assert threads == {"procwire-bus-requests"}
+        assert backend(c1)["requests_peer"] == 0
+
+
+def test_after_a_failed_connect_requests_go_straight_again(brokers: Any) -> None:
+    """A requester that could not reach the answering bus goes through the broker for a
+    while, then straight again, even when it keeps requesting all along."""
+    with Bus() as server, Bus() as client:
+        server.handle("e", lambda d: d)
+        client.request("e", 0, timeout=5)
+        client.request("e", 1, timeout=5)
+        be = client._backend  # type: ignore[attr-defined]
+        path = server._backend._direct.path  # type: ignore[attr-defined]
+        be._drop_peer(path)
+        be._peer_retry[path] = time.monotonic() + 0.3  # as after a failed connect
+        before = be.requests_peer
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            client.request("e", 2, timeout=5)
+        assert be.requests_peer > before + 10

@@ -213,7 +213,8 @@ class Bus(_BusBase):
     ``rediss://`` (across machines; events go as JSON ``{"event": name, "data": data}`` on the
     Redis channel ``channel``). ``channel`` also separates buses on one broker.
 
-    Handlers run on a dispatcher thread, never in ``emit``; a handler that raises is logged and
+    Handlers run on a dispatcher thread (request handlers, one at a time, also on the local
+    broker's direct-path threads), never in ``emit``; a handler that raises is logged and
     stays subscribed. Every subscription has a bounded buffer (``maxsize`` events); ``policy``
     says what happens when it fills: ``block`` (the delivery waits), ``drop_oldest``,
     ``disconnect``. ``emit`` waits up to ``emit_timeout`` (or its own ``timeout=``) for room in
@@ -361,19 +362,31 @@ class Bus(_BusBase):
         backend, core = self._backend, self._core
         lock = self._serve_lock
 
-        def answer(request: dict[str, Any]) -> dict[str, Any]:
+        def answer(request: dict[str, Any], direct: bool = False) -> dict[str, Any] | None:
             cid = request["id"]
-            with lock:  # one handler at a time per bus, whichever thread runs it
+            # One handler at a time per bus, whichever thread runs it. Waiting for the lock
+            # gives up once the bus closes (a handler may be closing it, and close() waits
+            # for the thread waiting here).
+            while not lock.acquire(timeout=0.05):
+                if core.closed:
+                    return _error_reply(cid, ChannelClosed(
+                        "the bus closed before this request's handler ran"))
+            try:
+                if direct and sub.closed:
+                    return None  # unhandled while it waited: "moved", nothing ran
                 try:
                     return {"id": cid, "data": fn(request.get("data"))}
                 except Exception as exc:
                     log.info("request handler for %r raised %r (sent back as RemoteError)",
                              name, exc)
                     return _error_reply(cid, exc)
+            finally:
+                lock.release()
 
         def serve(request: dict[str, Any]) -> None:
             cid, reply_to = request["id"], request["reply_to"]
             reply = answer(request)
+            assert reply is not None
             try:
                 try:
                     backend.reply(reply_to, reply, self.emit_timeout)

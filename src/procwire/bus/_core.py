@@ -143,7 +143,7 @@ class Subscription:
         self.handler: Callable[..., Any] | None = None
         #: a responder's handler as a function request -> reply, for a backend's direct path
         #: (``BusCore.answer_now``); None: requests come only through the buffer
-        self.answer: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        self.answer: Callable[[dict[str, Any], bool], dict[str, Any] | None] | None = None
         # counters
         self.received = 0
         self._moved = 0  # out of _buf: handed out, or in _ready_it
@@ -658,8 +658,9 @@ class BusCore:
         answer = None if sub is None or sub._closed else sub.answer
         if answer is None:
             return None
-        reply: dict[str, Any] = answer(request)
-        self.requests_served += 1
+        reply: dict[str, Any] | None = answer(request, True)
+        if reply is not None:
+            self.requests_served += 1
         return reply
 
     def on_reply(self, reply: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import stat
 import threading
 import time
@@ -77,7 +78,9 @@ class DirectServer:
         self._conns: set[Channel] = set()
         self._threads: set[threading.Thread] = set()
         self._busy = 0  # requests being answered now
+        self._mine = threading.local()  # a serving thread's own connection
         self._closed = False
+        self._stopping = False  # close() began: the accept thread ends
         self.draining = False  # closing: every request is answered "moved"
         self._pid = os.getpid()
         self.served = 0
@@ -90,14 +93,34 @@ class DirectServer:
         self._thread.start()
 
     def _accept_loop(self) -> None:
+        try:
+            self._accept_until_closed()
+        except BaseException:
+            if not self._stopping:
+                log.exception("procwire bus: the direct request socket's accept thread failed")
+            raise
+        finally:
+            if not self._stopping:
+                # No more connections here: close the listener (and remove its file), so that
+                # requesters' connects fail and they go through the broker, not into a backlog
+                # nobody accepts from.
+                log.warning("procwire bus: direct requests to this bus go through the broker "
+                            "from now on")
+                self.draining = True
+                try:
+                    self._listener.close()
+                except (ProcwireError, OSError):
+                    pass
+
+    def _accept_until_closed(self) -> None:
         pause = 0.05
-        while not self._closed:
+        while not self._stopping:
             try:
                 ch = self._listener.accept(timeout=_ACCEPT_SLICE)
             except Timeout:
                 continue
             except OSError as exc:
-                if self._closed:
+                if self._stopping:
                     return
                 if exc.errno in _TRANSIENT:  # out of descriptors or memory: try again soon
                     log.warning("procwire bus: the direct request socket cannot accept: %s; "
@@ -108,32 +131,32 @@ class DirectServer:
                 log.error("procwire bus: the direct request socket failed: %s", exc)
                 return
             except ProcwireError as exc:
-                if self._closed:
+                if self._stopping:
                     return
                 log.error("procwire bus: the direct request socket failed: %s", exc)
                 return
             pause = 0.05
             with self._cond:
-                full = len(self._conns) >= MAX_CONNECTIONS or self._closed
+                full = len(self._conns) >= MAX_CONNECTIONS or self._stopping
                 if not full:
                     self._conns.add(ch)
-            t = threading.Thread(target=self._serve, args=(ch, full), daemon=True,
-                                 name="procwire-bus-direct-conn")
+                t = threading.Thread(target=self._serve, args=(ch, full), daemon=True,
+                                     name="procwire-bus-direct-conn")
+                self._threads.add(t)
             try:
                 t.start()
             except RuntimeError as exc:  # no more threads
                 log.warning("procwire bus: no thread for a direct request connection: %s", exc)
                 with self._cond:
                     self._conns.discard(ch)
+                    self._threads.discard(t)
                 _close(ch)
-                continue
-            with self._cond:
-                self._threads.add(t)
 
     def _serve(self, ch: Channel, full: bool) -> None:
         """One requester: read a request, run the handler here, write its reply; until the
         requester closes (or this server does). ``full``: answer its first request "moved"
         (it goes through the broker) and close."""
+        self._mine.ch = ch
         try:
             while not self._closed:
                 try:
@@ -189,34 +212,53 @@ class DirectServer:
                 "direct_moved": self.moved, "direct_refused": self.refused}
 
     def close(self, timeout: float | None) -> None:
-        """Answer "moved" from now on, let the requests being answered finish (up to 1 s, or
-        ``timeout``), then close every connection and remove the socket file."""
-        if self._closed:
+        """Answer "moved" from now on; let the requests being answered finish (up to 1 s, or
+        ``timeout``); stop each connection's input (a requester's next send fails: it goes
+        through the broker) and answer "moved" to what already came; then close them all and
+        remove the socket file."""
+        if self._stopping:
             return
+        self._stopping = True
         self.draining = True
         if self._pid != os.getpid():
             self._closed = True
             return  # a forked child: the socket and threads are the parent's
+        me = threading.current_thread()
+        own = getattr(self._mine, "ch", None)  # a handler closing its own bus
         end = time.monotonic() + (1.0 if timeout is None else min(timeout, 1.0))
         with self._cond:
-            while self._busy:
+            while self._busy > (1 if own is not None else 0):
                 left = end - time.monotonic()
-                if left <= 0 or threading.current_thread() in self._threads:
-                    break  # (a handler closing its own bus cannot wait for itself)
+                if left <= 0:
+                    break
                 self._cond.wait(left)
-            self._closed = True
-            conns = list(self._conns)
-            threads = list(self._threads)
+            conns = [ch for ch in self._conns if ch is not own]
+            threads = [t for t in self._threads if t is not me]
         try:
             self._listener.close()
         except (ProcwireError, OSError):
             pass
         for ch in conns:
-            _close(ch)
+            _stop_input(ch)  # its thread answers what is buffered, then sees the end
         end = time.monotonic() + (1.0 if timeout is None else min(timeout, 1.0))
         for t in [self._thread, *threads]:
-            if t is not threading.current_thread():
+            if t is not me:
                 t.join(max(0.0, end - time.monotonic()))
+        self._closed = True  # (a handler's own connection: closed after its reply)
+        with self._cond:
+            conns = [ch for ch in self._conns if ch is not own]
+        for ch in conns:
+            _close(ch)
+
+
+def _stop_input(ch: Channel) -> None:
+    """``shutdown(SHUT_RD)`` on the connection's socket: what was sent is still read, and
+    the requester's next send fails (EPIPE: "not sent", it goes through the broker)."""
+    wire = getattr(getattr(ch, "_stream", None), "_wire", None)
+    if wire is None:
+        _close(ch)
+    else:
+        wire.shutdown(socket.SHUT_RD)
 
 
 def _close(ch: Channel) -> None:

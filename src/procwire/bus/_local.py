@@ -5,7 +5,8 @@ overrides it); ``Bus("broker:///path/to/broker.sock")`` names one. Query options
 ``idle`` (seconds a broker this bus starts stays up without clients, default 60),
 ``queue`` (frames the broker may queue for this bus, default 10 000) and ``policy``
 (``drop_oldest`` or ``disconnect``: what the broker does when that queue is full),
-``autostart`` (``0``: never start a broker, fail with ``ConnectionRefused``).
+``autostart`` (``0``: never start a broker, fail with ``ConnectionRefused``), ``outbox``
+(below) and ``direct`` (``0``: no direct request path, see ``_direct``).
 
 When nothing listens on the socket, the bus starts a broker, detached (its own session, output
 to ``<socket>.log``, not a child that dies with this process), under an ``flock`` on
@@ -215,6 +216,7 @@ class LocalBackend(Backend):
         self.policy = ""
         self.autostart = True
         self.outbox_max = DEFAULT_OUTBOX
+        self.direct = True  # the direct request path, both ways (see _direct)
         for key, value in urllib.parse.parse_qsl(parts.query):
             try:
                 if key == "idle":
@@ -231,9 +233,11 @@ class LocalBackend(Backend):
                     self.outbox_max = int(value)
                     if self.outbox_max < 1:
                         raise ValueError("outbox must be an int >= 1")
+                elif key == "direct":
+                    self.direct = _bool(value)
                 else:
                     raise ValueError(f"unknown option {key!r} (idle, queue, policy, autostart,"
-                                     " outbox)")
+                                     " outbox, direct)")
             except ValueError as exc:
                 raise AddressError(f"{url!r}: {exc}") from None
         if not channel or not isinstance(channel, str):
@@ -947,10 +951,14 @@ class LocalBackend(Backend):
         cid = request.get("id")
         data = encode_frame("req", 0, name, {"id": cid, "data": request.get("data")},
                             self._limit)  # too large, unencodable: raised as on any path
-        ch = self._peers.get(path) or self._connect_peer(path, _left(deadline))
+        ch = self._peers.get(path)
         if ch is None:
-            self._forget_route(name, path)
-            return False
+            if time.monotonic() < self._peer_retry.get(path, 0.0):
+                return False  # it failed a moment ago: through the broker for now
+            ch = self._connect_peer(path, _left(deadline))
+            if ch is None:
+                self._forget_route(name, path)
+                return False
         try:
             ch.send(data, timeout=_left(deadline))
         except (ProcwireError, OSError):  # it closed: the request did not get there whole
@@ -970,8 +978,9 @@ class LocalBackend(Backend):
                 # It went away (or sent garbage) after taking the request: the handler may
                 # have run, so it is not sent again.
                 self._drop_peer(path)
-                if self._closed:
-                    return True  # this bus closed it: the caller is told that
+                if self._closed:  # this bus closed it
+                    sink.on_reply({"id": cid, "closed": True})
+                    return True
                 self._forget_route(name, path)
                 sink.on_reply({"id": cid, "lost": f"{type(exc).__name__}: {exc}"})
                 return True
@@ -979,6 +988,7 @@ class LocalBackend(Backend):
             if f.kind == "rep" and isinstance(body, dict):
                 if body.get("id") == cid:
                     if body.get("moved"):  # it no longer answers name: nothing ran
+                        self._drop_peer(path)  # (it may be closing this connection)
                         self._forget_route(name, path)
                         return False
                     sink.on_reply(body)
@@ -992,8 +1002,6 @@ class LocalBackend(Backend):
                     return True
 
     def _connect_peer(self, path: str, timeout: float | None) -> Channel | None:
-        if time.monotonic() < self._peer_retry.get(path, 0.0):
-            return None
         try:
             ch = sync_connect("unix://" + path, codec=WireCodec(),
                               timeout=1.0 if timeout is None else min(timeout, 1.0),
@@ -1021,7 +1029,9 @@ class LocalBackend(Backend):
         self.peer_fallbacks += 1
         if self._routes.get(name) == path:
             del self._routes[name]
-        self._peer_retry[path] = time.monotonic() + 2.0
+        now = time.monotonic()
+        if self._peer_retry.get(path, 0.0) <= now:  # (never pushed further while it runs)
+            self._peer_retry[path] = now + 2.0
         if len(self._peer_retry) > 64:
             now = time.monotonic()
             self._peer_retry = {p: t for p, t in self._peer_retry.items() if t > now}
@@ -1156,7 +1166,7 @@ class LocalBackend(Backend):
             ch.send(encode_frame("hello", 1, self._name + " requests", {
                 "pid": os.getpid(), "reply_to": self._rr_reply_to, "channel": self.channel,
                 "patterns": [], "handles": [], "queue": self.queue, "policy": self.policy,
-                "version": VERSION, "routes": True}), timeout=2.0)
+                "version": VERSION, "routes": self.direct}), timeout=2.0)
             f: ClientFrame = ch.recv(timeout=2.0)
             if f.kind != "welcome":
                 raise ProtocolError(f"the broker answered hello with {f.kind!r}")
@@ -1194,7 +1204,8 @@ class LocalBackend(Backend):
         """This bus's direct request socket, started with its first handler (blocking buses
         only); None when it cannot listen (requests then all go through the broker)."""
         with self._direct_lock:
-            if self._direct is None and not self._direct_tried and self._inline is not None:
+            if (self._direct is None and not self._direct_tried and self._inline is not None
+                    and self.direct and not self._closed):
                 self._direct_tried = True
                 try:
                     self._direct = DirectServer(self.files.folder, self._inline, self._limit)
@@ -1211,7 +1222,23 @@ class LocalBackend(Backend):
             self._call("handle", name, {"direct": direct.path} if direct else None, timeout)
 
     def stop_responding(self, timeout: float | None) -> None:
-        if self._direct is not None:  # what still comes straight goes through the broker
+        """Closing: the broker stops sending this bus requests (confirmed), then the direct
+        socket answers "moved" (those requests go through the broker, to another bus or to
+        NoResponder); requests already here are still answered."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            names = sorted(self._handles)
+            self._handles.clear()
+        for name in names:
+            if self._ch is None or not self._up.is_set():
+                break  # reconnecting: its hello carries no names now
+            try:
+                self._call("unhandle", name, None, _left(deadline))
+            except ProcwireError as exc:
+                log.info("procwire bus: closing, the broker did not confirm unhandle %r: %s",
+                         name, exc)
+                break
+        if self._direct is not None:
             self._direct.draining = True
 
     def remove_responder(self, name: str, timeout: float | None) -> None:
@@ -1303,8 +1330,10 @@ class LocalBackend(Backend):
                 pass
         for path in list(self._peers):
             self._drop_peer(path)
-        if self._direct is not None:
-            self._direct.close(timeout)
+        with self._direct_lock:  # (a handle() meanwhile starts none now: _closed)
+            direct = self._direct
+        if direct is not None:
+            direct.close(timeout)
         self._stop.set()
         self._up.set()  # wake anyone waiting for a reconnection: they see _closed
         if ch is not None:
