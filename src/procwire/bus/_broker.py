@@ -380,10 +380,11 @@ class Broker:
         again after a while."""
         if any(c.direct == path for c in self.clients.values()):
             return  # it came back meanwhile
-        if not _unix._is_live(path):
+        listening = _unix._listening_paths()  # (Linux; elsewhere the file is left)
+        if listening is not None and path not in listening:
             with contextlib.suppress(OSError):
                 os.unlink(path)  # checked when taken: named so, in this broker's folder
-        elif again and self._loop is not None:
+        elif listening is not None and again and self._loop is not None:
             self._loop.call_later(1.0, self._remove_dead_direct, path, False)
 
     def _sweep_direct(self) -> None:
@@ -396,16 +397,15 @@ class Broker:
         if not names:
             return
         listening = _unix._listening_paths()
-        if listening is not None:  # as each bus spelled it: compare real paths
-            listening = {os.path.realpath(p) for p in listening
-                         if os.path.basename(p).startswith(DIRECT_PREFIX)}
+        if listening is None:
+            return  # (not Linux: no way to tell without connecting; the files are left)
+        # as each bus spelled it: compare real paths
+        live = {os.path.realpath(p) for p in listening
+                if os.path.basename(p).startswith(DIRECT_PREFIX)}
         for n in names:
             path = os.path.join(self.files.folder, n)
             with contextlib.suppress(OSError):
-                if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                    continue
-                if (os.path.realpath(path) not in listening if listening is not None
-                        else not _unix._is_live(path)):
+                if stat.S_ISSOCK(os.lstat(path).st_mode) and os.path.realpath(path) not in live:
                     os.unlink(path)
 
     def stop(self) -> None:
