@@ -708,7 +708,7 @@ class Broker:
         """Take ``path`` as ``c``'s direct request socket if it is one in this broker's
         folder (however the client spells that folder); otherwise ignore it (its requests
         come through here, as ever)."""
-        if direct_path_ok(path, self.folder_real, real=True):
+        if direct_path_ok(path, self.folder_real):
             c.direct = path
             return True
         self.bad_direct += 1

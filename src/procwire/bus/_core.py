@@ -655,7 +655,7 @@ class BusCore:
         direct path, see ``Backend.enable_inline``); None when this bus does not answer
         ``name`` that way (not handled, or an asyncio handler)."""
         sub = self._responders.get(name)
-        answer = None if sub is None or sub._closed else sub.answer
+        answer = None if sub is None else sub.answer  # (it checks for unhandled itself)
         if answer is None:
             return None
         reply: dict[str, Any] | None = answer(request, True)

@@ -125,7 +125,7 @@ def start_broker(files: BrokerFiles, *, idle: float, timeout: float | None,
 
 
 def connect_broker(files: BrokerFiles, *, timeout: float | None, autostart: bool,
-                   idle: float = DEFAULT_IDLE, max_frame: int = 1 << 26) -> Channel:
+                   idle: float = DEFAULT_IDLE, max_frame: int = MAX_FRAME) -> Channel:
     """A channel to the broker on ``files.socket``, starting one if none runs (``autostart``)."""
     deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -1033,7 +1033,6 @@ class LocalBackend(Backend):
         if self._peer_retry.get(path, 0.0) <= now:  # (never pushed further while it runs)
             self._peer_retry[path] = now + 2.0
         if len(self._peer_retry) > 64:
-            now = time.monotonic()
             self._peer_retry = {p: t for p, t in self._peer_retry.items() if t > now}
 
     def _on_route(self, f: ClientFrame) -> None:
@@ -1052,8 +1051,6 @@ class LocalBackend(Backend):
     def _poll_rr(self, rr: Channel) -> None:
         """Take what already arrived on the requests connection (route updates, late
         replies) without waiting."""
-        sink = self._sink
-        assert sink is not None
         for _ in range(1000):
             try:
                 f: ClientFrame = rr.recv(0)
@@ -1065,15 +1062,27 @@ class LocalBackend(Backend):
             except (ProcwireError, OSError):
                 self._drop_rr(rr)
                 return
-            if f.kind == "route":
-                self._on_route(f)
-            elif f.kind == "rep" and isinstance(f.body, dict):
-                sink.on_reply(f.body)
-            elif f.kind == "bye":
-                self._drop_rr(rr)
+            try:
+                if not self._rr_frame(rr, f):
+                    self.bad_frames += 1
+            except _Lost:
                 return
-            else:
-                self.bad_frames += 1
+
+    def _rr_frame(self, ch: Channel, f: ClientFrame) -> bool:
+        """A frame from the requests connection ``ch`` that is not an answer the reader is
+        waiting for: a reply (to the sink), a route update, bye (``_Lost``). False: none
+        of these."""
+        if f.kind == "rep" and isinstance(f.body, dict):
+            assert self._sink is not None
+            self._sink.on_reply(f.body)
+        elif f.kind == "route":
+            self._on_route(f)
+        elif f.kind == "bye":
+            self._drop_rr(ch)
+            raise _Lost()
+        else:
+            return False
+        return True
 
     def _publish_direct(self, body: bytes, timeout: float | None) -> bool:
         """``emit_many``'s fast path (``_rr_lock`` held): the batch goes on the requests
@@ -1120,8 +1129,6 @@ class LocalBackend(Backend):
         every reply on the way to the sink (ours, or a late one for an earlier timed-out
         call). None: ``timeout`` ran out. ``_Lost`` (the connection dropped): it broke, or
         the broker said bye."""
-        sink = self._sink
-        assert sink is not None
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = timeout  # the same value every time: no change of the socket's timeout
         while True:
@@ -1136,18 +1143,10 @@ class LocalBackend(Backend):
             except (ProcwireError, OSError) as exc:
                 self._drop_rr(ch)
                 raise _Lost() from exc
-            if f.kind == "rep" and isinstance(f.body, dict):
-                sink.on_reply(f.body)
-                if match(f):
-                    return f
-            elif f.kind == "route":
-                self._on_route(f)
-            elif f.kind == "bye":
-                self._drop_rr(ch)
-                raise _Lost()
-            elif match(f):
+            taken = self._rr_frame(ch, f)  # (a reply goes to the sink first)
+            if match(f):
                 return f
-            else:
+            if not taken:
                 self.bad_frames += 1
             if deadline is not None:
                 wait = deadline - time.monotonic()

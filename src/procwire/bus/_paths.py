@@ -76,16 +76,14 @@ class BrokerFiles:
             return None
 
 
-def direct_path_ok(path: str, folder: str, *, real: bool = False) -> bool:
-    """Is ``path`` a direct request socket a bus of the broker in ``folder`` would use? (The
-    broker removes such a file when its bus died: never anything else.) ``real``: ``folder``
-    is a ``realpath`` and ``path``'s folder is compared as one (a bus may reach the broker
-    through a symlink)."""
+def direct_path_ok(path: str, folder: str) -> bool:
+    """Is ``path`` a direct request socket a bus of the broker in ``folder`` (a ``realpath``)
+    would use? Its folder is compared as a real path: a bus may reach the broker through a
+    symlink. (The broker removes such a file when its bus died: never anything else.)"""
     if not (isinstance(path, str) and 0 < len(path) <= 200 and os.path.isabs(path)
             and "\0" not in path and os.path.basename(path).startswith(DIRECT_PREFIX)):
         return False
-    where = os.path.dirname(path)
-    return (os.path.realpath(where) if real else where) == folder
+    return os.path.realpath(os.path.dirname(path)) == folder
 
 
 def _open_lock(path: str) -> int:
